@@ -1,0 +1,40 @@
+"""The Python entry point: quantize a loaded model in place with a recipe."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from slimquant.calibration import build_samples, from_user_data
+from slimquant.config.recipe import Recipe
+from slimquant.model.loading import resolve_device
+from slimquant.plugins import plan_algorithms
+from slimquant.runtime.pipeline import LayerwiseQuantizer, QuantizationReport
+
+log = logging.getLogger(__name__)
+
+
+def quantize(model: nn.Module, recipe: Recipe | dict, *, tokenizer=None, calib_data=None,
+             samples: list[torch.Tensor] | None = None) -> QuantizationReport:
+    """Quantize `model` in place: afterwards it is the fake-quantized model.
+
+    Calibration comes from `samples` (token tensors), else `calib_data` (texts or token tensors, the
+    msModelSlim way), else the recipe's calibration source (which needs `tokenizer`).
+    """
+    if isinstance(recipe, dict):
+        recipe = Recipe.parse(recipe)
+    algorithms = plan_algorithms(recipe)  # validates every plugin argument before any work
+    device = resolve_device(recipe.model.device)
+    quantizer = LayerwiseQuantizer(model, recipe, device, algorithms)
+    if samples is None:
+        if calib_data is not None:
+            samples = from_user_data(calib_data, tokenizer, recipe.calibration.seqlen)
+        else:
+            if tokenizer is None:
+                raise ValueError("give calibration `samples`/`calib_data`, or a tokenizer for the recipe's source")
+            samples = build_samples(recipe.calibration, tokenizer, model)
+    else:
+        samples = from_user_data(samples, tokenizer)
+    return quantizer.run(samples)

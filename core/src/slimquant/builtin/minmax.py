@@ -1,0 +1,149 @@
+"""`minmax`: round-to-nearest weights and calibrated activation ranges.
+
+Weights: per-tensor, per-channel or per-group min-max scales (optionally a grid search that shrinks each
+range to minimise the rounding error), 2-8 bits, symmetric or not.
+Activations (static): act_method 1 = running min/max; 2 = histogram with a searched clipping range;
+3 = per Linear, whichever of the two gives the lower output error of the quantized Linear on sampled
+calibration tokens. Dynamic per-token activations need no statistics.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+
+from slimquant.config.scheme import Strategy
+from slimquant.errors import CalibrationError, RecipeError
+from slimquant.hookspecs import hookimpl
+from slimquant.quant.actparams import ActQParams
+from slimquant.quant.math import (
+    fake_quantize,
+    quantize_weight_with,
+    range_to_qparams,
+    search_clip_ratio,
+    weight_qparams,
+)
+from slimquant.quant.observers import Histogram, MinMax, TokenSample
+
+log = logging.getLogger(__name__)
+
+
+class MinMaxConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: Literal["minmax"] = "minmax"
+    act_method: Literal[1, 2, 3] = Field(1, description="1 min-max, 2 histogram search, 3 automatic mix")
+    clip_search: bool = Field(False, description="grid-search each weight group's range (MSE) instead of min-max")
+    histogram_bins: int = Field(2048, ge=64)
+    sample_tokens: int = Field(2048, ge=16, description="tokens kept per Linear to choose ranges (act_method 3)")
+
+
+class MinMaxPlugin:
+    name = "minmax"
+    Config = MinMaxConfig
+
+    def __init__(self, config: MinMaxConfig):
+        self.config = config
+
+    # -- weights ----------------------------------------------------------------------------------------
+
+    @hookimpl
+    def quantize_weight(self, ctx, name, module, args, algorithm):
+        if algorithm != self.name:
+            return None
+        w = module.weight.detach().float()
+        group_size = args.group_size if args.strategy == Strategy.GROUP else None
+        if args.strategy == Strategy.TENSOR:
+            w_for_range = w.reshape(1, -1)
+            scale, zero = weight_qparams(w_for_range, args.bits, args.symmetric, None)
+            scale = scale.expand(w.shape[0], 1).contiguous()
+            zero = None if zero is None else zero.expand(w.shape[0], 1).contiguous()
+            return quantize_weight_with(w, scale, zero, args.bits, None)
+        ratio = search_clip_ratio(w, args.bits, args.symmetric, group_size) if self.config.clip_search else 1.0
+        scale, zero = weight_qparams(w, args.bits, args.symmetric, group_size, clip_ratio=ratio)
+        return quantize_weight_with(w, scale, zero, args.bits, group_size)
+
+    # -- activations ------------------------------------------------------------------------------------
+
+    @hookimpl
+    def observe(self, ctx, name, module, inputs, output):
+        if ctx.phase != "quantize":
+            return
+        plan = ctx.plan(name)
+        if plan is None or plan.act_algorithm != self.name or plan.scheme.activations is None:
+            return
+        act = plan.scheme.activations
+        if act.dynamic:
+            return
+        stats = ctx.state(self.name).setdefault(name, self._new_stats(act))
+        for observer in stats.values():
+            observer.update(inputs)
+
+    def _new_stats(self, act) -> dict:
+        per_channel = act.strategy == Strategy.CHANNEL
+        if per_channel and self.config.act_method != 1:
+            raise RecipeError(f"minmax.act_method={self.config.act_method}: histogram ranges are per tensor; "
+                              "use act_method 1 with per-channel activations")
+        stats = {"minmax": MinMax(per_channel)}
+        if self.config.act_method in (2, 3):
+            stats["histogram"] = Histogram(self.config.histogram_bins)
+        if self.config.act_method == 3:
+            stats["sample"] = TokenSample(self.config.sample_tokens)
+        return stats
+
+    def _stats_for(self, ctx, name) -> dict:
+        state = ctx.state(self.name)
+        if name in state:
+            return state[name]
+        reached = [state[s] for s in ctx.siblings(name) if s in state]
+        if not reached:
+            raise CalibrationError(f"{name}: no calibration token reached this Linear (nor its sibling experts); "
+                                   "add calibration samples or leave it in float")
+        log.info("%s saw no calibration token; using the ranges of its %d sibling experts", name, len(reached))
+        merged = {key: MinMax(obs.per_channel) if key == "minmax" else Histogram(self.config.histogram_bins)
+                  for key, obs in reached[0].items() if key != "sample"}
+        for stats in reached:
+            for key, obs in merged.items():
+                obs.merge(stats[key])
+        return merged
+
+    @hookimpl
+    def quantize_act(self, ctx, name, module, args, algorithm):
+        if algorithm != self.name:
+            return None
+        if args.dynamic:
+            return ActQParams(args.bits, args.symmetric, dynamic=True)
+        stats = self._stats_for(ctx, name)
+        candidates = {"minmax": (stats["minmax"].min, stats["minmax"].max)}
+        if "histogram" in stats:
+            lo, hi = stats["histogram"].search_range(args.bits, args.symmetric)
+            candidates["histogram"] = (torch.tensor(lo), torch.tensor(hi))
+        if self.config.act_method == 2:
+            chosen = "histogram"
+        elif self.config.act_method == 3 and "sample" in stats:
+            chosen = self._lowest_output_error(ctx, name, module, args, candidates, stats["sample"].rows)
+        else:
+            chosen = "minmax"
+        lo, hi = candidates[chosen]
+        scale, zero = range_to_qparams(lo.float(), hi.float(), args.bits, args.symmetric)
+        device = module.weight.device
+        return ActQParams(args.bits, args.symmetric, False, scale.reshape(-1).to(device),
+                          None if zero is None else zero.reshape(-1).to(device))
+
+    def _lowest_output_error(self, ctx, name, module, args, candidates, rows) -> str:
+        w_q = ctx.qweights[name].dequantize(torch.float32).to(rows.device)
+        reference = F.linear(rows.float(), module.weight.float())
+        errors = {}
+        for key, (lo, hi) in candidates.items():
+            scale, zero = range_to_qparams(lo.float().to(rows.device), hi.float().to(rows.device), args.bits,
+                                           args.symmetric)
+            x_q = fake_quantize(rows.float(), scale, zero, args.bits)
+            errors[key] = float((F.linear(x_q, w_q) - reference).pow(2).mean())
+        chosen = min(errors, key=errors.get)
+        log.debug("%s: act range errors %s -> %s", name, errors, chosen)
+        return chosen
+

@@ -1,0 +1,165 @@
+"""The recipe: one validated description of a quantization run, from YAML, JSON or Python."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from slimquant.config.scheme import PRESETS, ActArgs, PresetName, Scheme, WeightArgs
+from slimquant.errors import RecipeError
+
+DeviceName = str  # "auto", "cpu", "cuda", "cuda:1", "npu", "npu:0"
+
+
+class ModelSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    path: str | None = Field(None, description="Hugging Face model folder; None = the embedded SmolLM2-135M")
+    gguf_file: str | None = Field(None, description="a GGUF file inside `path` (or a full path) to dequantize")
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    device: DeviceName = Field("auto", description="work device: auto, cpu, cuda[:i], npu[:i]")
+    trust_remote_code: bool = False
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        kind = value.split(":", 1)[0]
+        if kind not in ("auto", "cpu", "cuda", "npu"):
+            raise ValueError(f"unknown device {value!r}: use auto, cpu, cuda[:index] or npu[:index]")
+        return value
+
+
+class CalibrationSpec(BaseModel):
+    """Where calibration samples come from. `generate` needs no data: the model writes its own."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: Literal["generate", "texts", "text_file", "jsonl", "dataset"] = "generate"
+    texts: list[str] | None = None
+    path: str | None = Field(None, description="text_file / jsonl path")
+    jsonl_field: str = "text"
+    dataset: str | None = Field(None, description="a `datasets` name, e.g. wikitext")
+    dataset_config: str | None = None
+    split: str = "train"
+    prompt: str = Field("", description="seed text for `generate` (empty = start from the BOS token)")
+    num_samples: int = Field(32, gt=0)
+    seqlen: int = Field(512, gt=0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _source_has_its_input(self) -> CalibrationSpec:
+        needs = {"texts": "texts", "text_file": "path", "jsonl": "path", "dataset": "dataset"}
+        field = needs.get(self.source)
+        if field and not getattr(self, field):
+            raise ValueError(f"calibration source '{self.source}' needs `{field}`")
+        if self.source == "texts" and not any(t.strip() for t in self.texts or []):
+            raise ValueError("calibration texts are empty")
+        return self
+
+
+class LayerOverride(BaseModel):
+    """Mixed precision: Linears matching `targets` get another scheme or algorithm."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    targets: list[str] = Field(..., min_length=1, description="exact names or 're:<regex>' patterns")
+    scheme: PresetName | None = None
+    weights: WeightArgs | None = None
+    activations: ActArgs | None = None
+    weight_only: bool = False
+    algorithm: str | None = Field(None, description="the weight algorithm for these Linears")
+
+
+class RuntimeSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    progress: bool = True
+    check_finite: bool = True
+    offload_layers: bool = Field(True, description="move each decoder layer back to CPU when done")
+
+
+class Recipe(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: ModelSpec = ModelSpec()
+    calibration: CalibrationSpec = CalibrationSpec()
+    scheme: PresetName | None = "W8A16"
+    weights: WeightArgs | None = None
+    activations: ActArgs | None = None
+    weight_only: bool = False
+    algorithms: list[dict[str, Any]] = Field(default_factory=list)
+    ignore: list[str] = Field(default_factory=list, description="Linears left in float (msModelSlim disable_names)")
+    overrides: list[LayerOverride] = Field(default_factory=list)
+    runtime: RuntimeSpec = RuntimeSpec()
+
+    @field_validator("algorithms", mode="before")
+    @classmethod
+    def _names_to_dicts(cls, value):
+        if not isinstance(value, list):
+            raise ValueError("algorithms must be a list of names or {name: ..., <arguments>} mappings")
+        out = []
+        for i, item in enumerate(value):
+            if isinstance(item, str):
+                item = {"name": item}
+            if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+                raise ValueError(f"algorithms[{i}] needs a `name`")
+            out.append(item)
+        names = [a["name"] for a in out]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"algorithm(s) named twice: {', '.join(dup)}")
+        return out
+
+    @model_validator(mode="after")
+    def _has_a_scheme(self) -> Recipe:
+        if self.scheme is None and self.weights is None:
+            raise ValueError("give a `scheme` preset or explicit `weights` arguments")
+        return self
+
+    def base_scheme(self) -> Scheme:
+        preset = PRESETS[self.scheme] if self.scheme else None
+        weights = self.weights or preset.weights
+        activations = self.activations or (preset.activations if preset else None)
+        if self.weight_only:
+            activations = None
+        return Scheme(weights=weights, activations=activations)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Recipe:
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise RecipeError(f"cannot read recipe {path}: {exc.strerror}") from exc
+        try:
+            data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        except (json.JSONDecodeError, yaml.YAMLError) as exc:
+            raise RecipeError(f"recipe {path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}")
+        return cls.parse(data or {}, source=str(path))
+
+    @classmethod
+    def parse(cls, data: dict, source: str = "recipe") -> Recipe:
+        if not isinstance(data, dict):
+            raise RecipeError(f"{source}: the top level must be a mapping, got {type(data).__name__}")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise RecipeError(format_validation_error(exc, source)) from None
+
+    def dump_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json", exclude_defaults=True), sort_keys=False)
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = [f"{source}: {exc.error_count()} problem(s)"]
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling)"
+        lines.append(f"  {where}: {msg}")
+    return "\n".join(lines)

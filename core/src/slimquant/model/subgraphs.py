@@ -1,0 +1,123 @@
+"""Which norm or Linear feeds which Linears inside a decoder layer: the one table smoothers read.
+
+Norm -> Linears is found by tracing: one forward of the layer records each norm's output tensor and each
+Linear's input; a Linear fed by a norm receives that very tensor (or, for MoE experts, rows of it). Linear ->
+Linear pairs cannot be traced through attention or the gated activation, so they come from a small table
+of names, resolved inside one parent module, and only where the rewrite is exact.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+# (producer, consumer, kind): the consumer's input is linear in the producer's output channels.
+LINEAR_PAIRS = (
+    ("v_proj", "o_proj", "attention"),
+    ("v_proj", "dense", "attention"),
+    ("up_proj", "down_proj", "gated"),
+    ("w3", "w2", "gated"),
+)
+GATE_NAMES = ("gate_proj", "w1")
+
+
+@dataclass
+class Subgraph:
+    source: str  # full module name of the norm or Linear whose output feeds `targets`
+    kind: str  # "norm", "attention" (v -> o) or "gated" (up -> down)
+    targets: list[str] = field(default_factory=list)
+
+
+def is_norm(module: nn.Module) -> bool:
+    name = type(module).__name__.lower()
+    return "norm" in name and hasattr(module, "weight") and isinstance(getattr(module, "weight"), torch.Tensor)
+
+
+def _rows_of(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """True if every row of x (checked on a few) is a row of y: experts see a gathered subset of tokens."""
+    x2, y2 = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+    if x2.shape[-1] != y2.shape[-1] or x2.shape[0] == 0:
+        return False
+    probe = x2[torch.linspace(0, x2.shape[0] - 1, min(4, x2.shape[0])).long()]
+    return bool((probe[:, None, :] == y2[None, :, :]).all(-1).any(-1).all())
+
+
+def _sibling_key(name: str) -> str:
+    return re.sub(r"\.experts\.\d+\.", ".experts.*.", name)
+
+
+@dataclass
+class LayerTrace:
+    norm_subgraphs: list[Subgraph]
+    groups: list[list[str]]  # Linears in call order, those sharing one input tensor together (q/k/v, gate/up)
+
+
+@torch.no_grad()
+def trace_layer(layer: nn.Module, prefix: str, linears: dict[str, nn.Linear], run) -> LayerTrace:
+    """`run()` calls the layer once on real inputs."""
+    norm_out: dict[str, torch.Tensor] = {}
+    lin_in: dict[str, torch.Tensor] = {}
+    handles = []
+    for name, module in layer.named_modules():
+        full = f"{prefix}.{name}"
+        if is_norm(module):
+            handles.append(module.register_forward_hook(
+                lambda m, i, o, full=full: norm_out.setdefault(full, o[0] if isinstance(o, tuple) else o)))
+        elif full in linears:
+            handles.append(module.register_forward_hook(lambda m, i, o, full=full: lin_in.setdefault(full, i[0])))
+    try:
+        run()
+    finally:
+        for h in handles:
+            h.remove()
+    return LayerTrace(_norm_subgraphs(linears, norm_out, lin_in), _call_groups(linears, lin_in))
+
+
+def _call_groups(linears: dict[str, nn.Linear], lin_in: dict[str, torch.Tensor]) -> list[list[str]]:
+    groups: list[list[str]] = []
+    last = None
+    for name, x in lin_in.items():  # dicts keep insertion order = call order
+        key = (x.data_ptr(), tuple(x.shape))
+        if groups and key == last:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+        last = key
+    never_called = [n for n in linears if n not in lin_in]  # e.g. experts no token reached
+    if never_called:
+        groups.append(never_called)
+    return groups
+
+
+def _norm_subgraphs(linears, norm_out, lin_in) -> list[Subgraph]:
+
+    graphs: dict[str, Subgraph] = {}
+    matched: dict[str, str] = {}
+    for lin, x in lin_in.items():
+        for norm, y in norm_out.items():
+            if x is y or (x.data_ptr() == y.data_ptr() and x.shape == y.shape) or (
+                    ".experts." in lin and _rows_of(x, y)):
+                matched[lin] = norm
+                break
+    by_key = {_sibling_key(lin): norm for lin, norm in matched.items()}
+    for lin in linears:
+        norm = matched.get(lin) or by_key.get(_sibling_key(lin))
+        if norm is not None:
+            graphs.setdefault(norm, Subgraph(norm, "norm")).targets.append(lin)
+    return list(graphs.values())
+
+
+def linear_pairs(linears: dict[str, nn.Linear]) -> list[Subgraph]:
+    out = []
+    for name in linears:
+        parent, _, leaf = name.rpartition(".")
+        for producer, consumer, kind in LINEAR_PAIRS:
+            if leaf != producer or f"{parent}.{consumer}" not in linears:
+                continue
+            if kind == "gated" and not any(f"{parent}.{g}" in linears for g in GATE_NAMES):
+                continue
+            out.append(Subgraph(name, kind, [f"{parent}.{consumer}"]))
+    return out

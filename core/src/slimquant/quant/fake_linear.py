@@ -1,0 +1,69 @@
+"""The fake-quantized Linear: holds integer codes and scales, computes in float."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slimquant.quant.actparams import ActQParams
+from slimquant.quant.math import dynamic_token_fake_quant, fake_quantize
+from slimquant.quant.qweight import QuantizedWeight
+
+
+class FakeQuantLinear(nn.Module):
+    """Drop-in for nn.Linear. The weight is rebuilt from its codes on every call, so memory holds int8 codes."""
+
+    def __init__(self, qweight: QuantizedWeight, bias: torch.Tensor | None, act: ActQParams | None,
+                 compute_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.out_features, self.in_features = qweight.shape
+        self.bits = qweight.bits
+        self.group_size = qweight.group_size
+        self.compute_dtype = compute_dtype
+        self.register_buffer("codes", qweight.codes)
+        self.register_buffer("weight_scale", qweight.scale)
+        self.register_buffer("weight_zero", qweight.zero)
+        self.register_buffer("g_idx", qweight.g_idx)
+        for name, tensor in qweight.extras.items():
+            self.register_buffer(f"extra_{name}", tensor)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.act = act
+        if act is not None and not act.dynamic:
+            self.register_buffer("input_scale", act.scale)
+            self.register_buffer("input_zero", act.zero)
+
+    @property
+    def qweight(self) -> QuantizedWeight:
+        extras = {n[len("extra_"):]: b for n, b in self.named_buffers(recurse=False) if n.startswith("extra_")}
+        return QuantizedWeight(self.codes, self.weight_scale, self.weight_zero, self.bits, self.group_size,
+                               self.g_idx, extras)
+
+    @property
+    def act_qparams(self) -> ActQParams | None:
+        if self.act is None or self.act.dynamic:
+            return self.act
+        return ActQParams(self.act.bits, self.act.symmetric, False, self.input_scale, self.input_zero)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.qweight.dequantize(self.compute_dtype)
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        act = self.act
+        if act is None:
+            return x
+        if act.dynamic:
+            return dynamic_token_fake_quant(x, act.bits, act.symmetric)
+        return fake_quantize(x, self.input_scale, self.input_zero, act.bits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = self.quantize_input(x.to(self.compute_dtype))
+        out = F.linear(x, self.weight, None if self.bias is None else self.bias.to(self.compute_dtype))
+        return out.to(dtype)
+
+    def extra_repr(self) -> str:
+        act = "none" if self.act is None else f"{self.act.bits}-bit {'dynamic' if self.act.dynamic else 'static'}"
+        group = self.group_size or "channel"
+        return f"in={self.in_features}, out={self.out_features}, w_bits={self.bits}, group={group}, act={act}"

@@ -1,0 +1,124 @@
+"""Pure quantization math on tensors: ranges to scales, rounding, grouped weights. No modules, no state."""
+
+from __future__ import annotations
+
+import torch
+
+from slimquant.quant.qweight import QuantizedWeight, contiguous_g_idx, num_groups, qrange
+
+EPS = 1e-10
+
+
+def range_to_qparams(
+    xmin: torch.Tensor, xmax: torch.Tensor, bits: int, symmetric: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale (and integer-valued zero point for asymmetric) mapping [xmin, xmax] onto the b-bit code range."""
+    lo, hi = qrange(bits)
+    if symmetric:
+        absmax = torch.maximum(xmin.abs(), xmax.abs())
+        return (absmax / hi).clamp_min(EPS), None
+    scale = ((xmax - xmin) / (hi - lo)).clamp_min(EPS)
+    zero = torch.round(lo - xmin / scale)
+    return scale, zero
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int) -> torch.Tensor:
+    lo, hi = qrange(bits)
+    q = torch.round(x / scale)
+    if zero is not None:
+        q = q + zero
+    return q.clamp_(lo, hi)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
+    return (q - zero) * scale if zero is not None else q * scale
+
+
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int) -> torch.Tensor:
+    return dequantize(quantize(x, scale, zero, bits), scale, zero)
+
+
+def group_minmax(w: torch.Tensor, g_idx: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per (row, group) min and max of a 2-D weight; groups may be ragged or permuted."""
+    rows = w.shape[0]
+    index = g_idx.long().unsqueeze(0).expand(rows, -1)
+    xmin = torch.full((rows, groups), float("inf"), dtype=w.dtype, device=w.device)
+    xmax = torch.full((rows, groups), float("-inf"), dtype=w.dtype, device=w.device)
+    xmin = xmin.scatter_reduce(1, index, w, "amin")
+    xmax = xmax.scatter_reduce(1, index, w, "amax")
+    return xmin, xmax
+
+
+def expand_groups(t: torch.Tensor | None, g_idx: torch.Tensor) -> torch.Tensor | None:
+    return None if t is None else t[:, g_idx.long()]
+
+
+def weight_qparams(
+    w: torch.Tensor,
+    bits: int,
+    symmetric: bool,
+    group_size: int | None,
+    g_idx: torch.Tensor | None = None,
+    clip_ratio: torch.Tensor | float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Min-max scales per output channel and group, optionally shrunk by `clip_ratio` ([rows, groups] or scalar)."""
+    w = w.float()
+    if g_idx is None:
+        g_idx = contiguous_g_idx(w.shape[1], group_size, w.device)
+    groups = num_groups(w.shape[1], group_size)
+    xmin, xmax = group_minmax(w, g_idx, groups)
+    return range_to_qparams(xmin * clip_ratio, xmax * clip_ratio, bits, symmetric)
+
+
+def quantize_weight_with(
+    w: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+    bits: int,
+    group_size: int | None,
+    g_idx: torch.Tensor | None = None,
+) -> QuantizedWeight:
+    idx = g_idx if g_idx is not None else contiguous_g_idx(w.shape[1], group_size, w.device)
+    codes = quantize(w.float(), expand_groups(scale, idx), expand_groups(zero, idx), bits)
+    return QuantizedWeight(
+        codes=codes.to(torch.int8), scale=scale.float(), zero=None if zero is None else zero.float(),
+        bits=bits, group_size=group_size, g_idx=g_idx,
+    )
+
+
+def search_clip_ratio(
+    w: torch.Tensor,
+    bits: int,
+    symmetric: bool,
+    group_size: int | None,
+    grid: int = 20,
+    min_ratio: float = 0.5,
+    norm: float = 2.4,
+) -> torch.Tensor:
+    """Per (row, group) shrink of the min-max range that minimises sum |w - Q(w)|^norm (a grid search)."""
+    w = w.float()
+    g_idx = contiguous_g_idx(w.shape[1], group_size, w.device).long()
+    groups = num_groups(w.shape[1], group_size)
+    xmin, xmax = group_minmax(w, g_idx, groups)
+    best_err = torch.full_like(xmin, float("inf"))
+    best_ratio = torch.ones_like(xmin)
+    for step in range(grid + 1):
+        ratio = 1.0 - (1.0 - min_ratio) * step / grid
+        scale, zero = range_to_qparams(xmin * ratio, xmax * ratio, bits, symmetric)
+        err_elem = (fake_quantize(w, scale[:, g_idx], None if zero is None else zero[:, g_idx], bits) - w)
+        err = torch.zeros_like(xmin).index_add_(1, g_idx, err_elem.abs().pow(norm))
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_ratio = torch.where(better, torch.full_like(best_ratio, ratio), best_ratio)
+    return best_ratio
+
+
+def dynamic_token_fake_quant(x: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
+    """Per-token (last dimension) dynamic quantization, as an inference kernel would do it at run time."""
+    if symmetric:
+        absmax = x.abs().amax(dim=-1, keepdim=True)
+        return fake_quantize(x, (absmax / qrange(bits)[1]).clamp_min(EPS), None, bits)
+    xmin = x.amin(dim=-1, keepdim=True)
+    xmax = x.amax(dim=-1, keepdim=True)
+    scale, zero = range_to_qparams(xmin, xmax, bits, symmetric=False)
+    return fake_quantize(x, scale, zero, bits)

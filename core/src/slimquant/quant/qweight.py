@@ -1,0 +1,84 @@
+"""Integer weight codes with their scales: what every weight algorithm returns and every exporter reads.
+
+Codes are signed: a b-bit code lies in [-2^(b-1), 2^(b-1) - 1] for symmetric and asymmetric schemes alike,
+so any 2-8 bit code fits int8. Dequantization is `(code - zero) * scale`, with the scale and zero of the
+code's group. `g_idx[i]` names the group of input channel i; contiguous groups are
+`arange(in_features) // group_size` and the last group may be shorter than group_size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+def qrange(bits: int) -> tuple[int, int]:
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+def contiguous_g_idx(in_features: int, group_size: int | None, device=None) -> torch.Tensor:
+    size = group_size or in_features
+    return torch.arange(in_features, device=device, dtype=torch.int32) // size
+
+
+def num_groups(in_features: int, group_size: int | None) -> int:
+    size = group_size or in_features
+    return -(-in_features // size)
+
+
+@dataclass
+class QuantizedWeight:
+    codes: torch.Tensor  # int8 [out, in]
+    scale: torch.Tensor  # float32 [out, groups]
+    zero: torch.Tensor | None  # float32 [out, groups] (integer-valued) or None when symmetric
+    bits: int
+    group_size: int | None  # None: one group per output channel (per-channel)
+    g_idx: torch.Tensor | None = None  # int32 [in]; None means contiguous groups
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # algorithm-specific tensors to save
+
+    def __post_init__(self):
+        out_features, in_features = self.codes.shape
+        groups = num_groups(in_features, self.group_size)
+        if self.scale.shape != (out_features, groups):
+            raise ValueError(f"scale shape {tuple(self.scale.shape)} != ({out_features}, {groups})")
+        if self.zero is not None and self.zero.shape != self.scale.shape:
+            raise ValueError(f"zero shape {tuple(self.zero.shape)} != scale shape {tuple(self.scale.shape)}")
+        lo, hi = qrange(self.bits)
+        if self.codes.dtype != torch.int8:
+            raise ValueError(f"codes must be int8, got {self.codes.dtype}")
+        if self.codes.numel() and (int(self.codes.min()) < lo or int(self.codes.max()) > hi):
+            raise ValueError(f"codes outside the {self.bits}-bit range [{lo}, {hi}]")
+
+    @property
+    def symmetric(self) -> bool:
+        return self.zero is None
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.codes.shape
+
+    def group_index(self) -> torch.Tensor:
+        if self.g_idx is not None:
+            return self.g_idx.long()
+        return contiguous_g_idx(self.codes.shape[1], self.group_size, self.codes.device).long()
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        if self.scale.shape[1] == 1:
+            scale, zero = self.scale, self.zero
+        else:
+            idx = self.group_index()
+            scale = self.scale[:, idx]
+            zero = None if self.zero is None else self.zero[:, idx]
+        w = self.codes.to(scale.dtype)
+        if zero is not None:
+            w = w - zero
+        return (w * scale).to(dtype)
+
+    def to(self, device) -> QuantizedWeight:
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return QuantizedWeight(
+            codes=move(self.codes), scale=move(self.scale), zero=move(self.zero), bits=self.bits,
+            group_size=self.group_size, g_idx=move(self.g_idx),
+            extras={k: v.to(device) for k, v in self.extras.items()},
+        )

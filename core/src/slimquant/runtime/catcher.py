@@ -1,0 +1,48 @@
+"""Capture the exact (args, kwargs) each calibration sample brings to the first decoder layer."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from slimquant.runtime.context import LayerInput
+
+
+class _Caught(Exception):
+    pass
+
+
+class _Catcher(nn.Module):
+    def __init__(self, wrapped: nn.Module, store: list[LayerInput]):
+        super().__init__()
+        self.wrapped = wrapped
+        self.store = store
+
+    def __getattr__(self, name):  # models read attributes such as `attention_type` off their layers
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.wrapped, name)
+
+    def forward(self, *args, **kwargs):
+        self.store.append((args, dict(kwargs)))
+        raise _Caught
+
+
+@torch.no_grad()
+def catch_layer_inputs(model: nn.Module, layers: nn.ModuleList, samples: list[torch.Tensor],
+                       device: torch.device) -> list[LayerInput]:
+    store: list[LayerInput] = []
+    first = layers[0]
+    layers[0] = _Catcher(first, store)
+    try:
+        for ids in samples:
+            try:
+                model(input_ids=ids.to(device), use_cache=False)
+            except _Caught:
+                pass
+    finally:
+        layers[0] = first
+    if len(store) != len(samples):
+        raise RuntimeError(f"caught {len(store)} layer inputs for {len(samples)} samples")
+    return store

@@ -1,0 +1,84 @@
+"""What a plugin sees of the decoder layer being quantized."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from slimquant.model.subgraphs import LayerTrace, Subgraph, linear_pairs, trace_layer
+from slimquant.quant.qweight import QuantizedWeight
+from slimquant.runtime.plan import LinearPlan
+
+LayerInput = tuple[tuple, dict]  # the (args, kwargs) the decoder layer was called with
+
+
+def hidden_of(output) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def with_hidden(inp: LayerInput, hidden: torch.Tensor) -> LayerInput:
+    args, kwargs = inp
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+@dataclass
+class LayerContext:
+    index: int
+    prefix: str  # "model.layers.3"
+    layer: nn.Module
+    device: torch.device
+    linears: dict[str, nn.Linear]  # quantizable Linears of this layer, by full model name
+    plans: dict[str, LinearPlan | None]
+    inputs: list[LayerInput]
+    phase: str = "smooth"
+    qweights: dict[str, QuantizedWeight] = field(default_factory=dict)
+    _state: dict[str, dict] = field(default_factory=dict)
+    _trace: LayerTrace | None = None
+
+    def state(self, plugin: str) -> dict:
+        """A plugin's private store for this layer; freed when the layer is done."""
+        return self._state.setdefault(plugin, {})
+
+    def clear_state(self) -> None:
+        self._state.clear()
+
+    def plan(self, name: str) -> LinearPlan | None:
+        return self.plans.get(name)
+
+    def module(self, name: str) -> nn.Module:
+        return self.layer.get_submodule(name[len(self.prefix) + 1:])
+
+    def quantized_names(self) -> list[str]:
+        return [n for n, p in self.plans.items() if p is not None]
+
+    @torch.no_grad()
+    def run_layer(self, inputs: Iterable[LayerInput] | None = None) -> list[torch.Tensor]:
+        """Run the layer (as it is now) on calibration inputs; returns its hidden-state outputs."""
+        outs = []
+        for args, kwargs in (self.inputs if inputs is None else inputs):
+            outs.append(hidden_of(self.layer(*args, **kwargs)))
+        return outs
+
+    @property
+    def trace(self) -> LayerTrace:
+        if self._trace is None:
+            self._trace = trace_layer(self.layer, self.prefix, self.linears, lambda: self.run_layer(self.inputs[:1]))
+        return self._trace
+
+    @property
+    def subgraphs(self) -> list[Subgraph]:
+        """norm -> Linears (traced) followed by exact Linear -> Linear pairs (v -> o, up -> down)."""
+        return self.trace.norm_subgraphs + linear_pairs(self.linears)
+
+    def siblings(self, name: str) -> list[str]:
+        """The same Linear in the other experts of an MoE block (empty outside MoE)."""
+        if ".experts." not in name:
+            return []
+        key = re.sub(r"\.experts\.\d+\.", ".experts.*.", name)
+        return [n for n in self.linears if n != name and re.sub(r"\.experts\.\d+\.", ".experts.*.", n) == key]

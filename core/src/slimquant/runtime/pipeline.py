@@ -1,0 +1,190 @@
+"""The layer-by-layer runtime: catch layer-0 inputs, then per decoder layer observe -> smooth -> observe ->
+quantize weights -> quantize activations -> swap in fake-quant Linears -> feed the next layer."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from slimquant.config.recipe import Recipe
+from slimquant.errors import NonFiniteError, PluginError
+from slimquant.model.structure import (
+    find_decoder_layers,
+    float_module_names,
+    layer_linears,
+    normalize_linears,
+    set_submodule,
+)
+from slimquant.plugins import AlgorithmPlan, plan_algorithms
+from slimquant.quant.fake_linear import FakeQuantLinear
+from slimquant.runtime.catcher import catch_layer_inputs
+from slimquant.runtime.context import LayerContext, with_hidden
+from slimquant.runtime.plan import LinearPlan, plan_linears
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LayerReport:
+    index: int
+    seconds: float
+    output_rel_error: float  # ||quantized - float||^2 / ||float||^2 of the layer output
+    quantized: int
+    kept_float: int
+
+
+@dataclass
+class QuantizationReport:
+    layers: list[LayerReport] = field(default_factory=list)
+    plans: dict[str, LinearPlan | None] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def linear_types(self) -> dict[str, str]:
+        return {n: ("FLOAT" if p is None else p.scheme.type_name) for n, p in self.plans.items()}
+
+
+def _check_finite(tensor: torch.Tensor, what: str) -> None:
+    if not torch.isfinite(tensor).all():
+        bad = (~torch.isfinite(tensor)).sum().item()
+        raise NonFiniteError(f"{what} holds {bad} NaN/Inf value(s)")
+
+
+class LayerwiseQuantizer:
+    def __init__(self, model: nn.Module, recipe: Recipe, device: torch.device,
+                 algorithms: AlgorithmPlan | None = None):
+        self.model = model
+        self.recipe = recipe
+        self.device = device
+        self.algorithms = algorithms or plan_algorithms(recipe)
+        self.hook = self.algorithms.plugins.hook
+        normalize_linears(model)
+        self.prefix, self.layers = find_decoder_layers(model)
+        linears = {}
+        for i, layer in enumerate(self.layers):
+            linears.update(layer_linears(layer, f"{self.prefix}.{i}"))
+        self.plans = plan_linears(recipe, self.algorithms, list(linears), float_module_names(model))
+        self.check_finite = recipe.runtime.check_finite
+        if self.check_finite:
+            for name, linear in linears.items():
+                if self.plans[name] is not None:
+                    _check_finite(linear.weight, f"{name}.weight")
+
+    # -- passes ------------------------------------------------------------------------------------------
+
+    def _observe_pass(self, ctx: LayerContext, targets: list[str]) -> list[torch.Tensor]:
+        handles = []
+        for name in targets:
+            def hook(module, inputs, output, name=name):
+                x = inputs[0]
+                if self.check_finite:
+                    _check_finite(x, f"input activation of {name}")
+                self.hook.observe(ctx=ctx, name=name, module=module, inputs=x, output=output)
+            handles.append(ctx.module(name).register_forward_hook(hook))
+        try:
+            return ctx.run_layer()
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _quantize_linear(self, ctx: LayerContext, name: str, plan: LinearPlan) -> None:
+        module = ctx.module(name)
+        qweight = self.hook.quantize_weight(ctx=ctx, name=name, module=module, args=plan.scheme.weights,
+                                            algorithm=plan.weight_algorithm)
+        if qweight is None:
+            raise PluginError(f"{name}: no plugin quantized it with algorithm {plan.weight_algorithm!r}")
+        if self.check_finite:
+            _check_finite(qweight.scale, f"{name} weight scale")
+        ctx.qweights[name] = qweight
+        act = None
+        if plan.scheme.activations is not None:
+            act = self.hook.quantize_act(ctx=ctx, name=name, module=module, args=plan.scheme.activations,
+                                         algorithm=plan.act_algorithm)
+            if act is None:
+                raise PluginError(f"{name}: no plugin quantized its input with {plan.act_algorithm!r}")
+        fake = FakeQuantLinear(qweight, module.bias, act, compute_dtype=module.weight.dtype)
+        set_submodule(ctx.layer, name[len(ctx.prefix) + 1:], fake.to(self.device))
+
+    def _sequential_groups(self, ctx: LayerContext) -> list[list[str]]:
+        names = ctx.quantized_names()
+        wants = any(getattr(p, "true_sequential", False) for p in self.algorithms.plugins.plugins.values())
+        if not wants:
+            return [names]
+        groups = [[n for n in g if n in names] for g in ctx.trace.groups]
+        return [g for g in groups if g]
+
+    # -- the run ----------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def run(self, samples: list[torch.Tensor]) -> QuantizationReport:
+        report = QuantizationReport(plans=dict(self.plans))
+        start = time.perf_counter()
+        inputs = self._catch(samples)
+        progress = self.recipe.runtime.progress
+        for index in tqdm(range(len(self.layers)), desc="layers", disable=not progress, leave=False):
+            inputs, layer_report = self._run_layer(index, inputs)
+            report.layers.append(layer_report)
+            log.info("layer %d/%d: %.2fs, output error %.3e, %d quantized, %d float", index + 1,
+                     len(self.layers), layer_report.seconds, layer_report.output_rel_error,
+                     layer_report.quantized, layer_report.kept_float)
+        report.seconds = time.perf_counter() - start
+        return report
+
+    def _catch(self, samples):
+        outside = [m for n, m in self.model.named_children()]
+        if self.device.type != "cpu":
+            for m in outside:
+                m.to(self.device)
+            self.layers.to("cpu")
+        try:
+            self.layers[0].to(self.device)
+            return catch_layer_inputs(self.model, self.layers, samples, self.device)
+        finally:
+            if self.device.type != "cpu":
+                self.model.to("cpu")
+
+    def _run_layer(self, index: int, inputs):
+        started = time.perf_counter()
+        layer = self.layers[index].to(self.device)
+        prefix = f"{self.prefix}.{index}"
+        linears = layer_linears(layer, prefix)
+        plans = {n: self.plans.get(n) for n in linears}
+        ctx = LayerContext(index, prefix, layer, self.device, linears, plans, inputs)
+        quantized = ctx.quantized_names()
+
+        if self.algorithms.smoothers and quantized:
+            ctx.phase = "smooth"
+            self._observe_pass(ctx, quantized)
+            for smoother in self.algorithms.smoothers:
+                self.hook.smooth(ctx=ctx, algorithm=smoother)
+            ctx.clear_state()
+            ctx._trace = None
+
+        ctx.phase = "quantize"
+        float_out = None
+        for i, group in enumerate(self._sequential_groups(ctx) if quantized else []):
+            if i > 0:
+                ctx.clear_state()
+            outs = self._observe_pass(ctx, group)
+            float_out = float_out if float_out is not None else outs
+            for name in group:
+                self._quantize_linear(ctx, name, plans[name])
+        if float_out is None:
+            float_out = ctx.run_layer()
+
+        quant_out = ctx.run_layer()
+        num = sum(float((q - f).float().pow(2).sum()) for q, f in zip(quant_out, float_out))
+        den = sum(float(f.float().pow(2).sum()) for f in float_out) or 1.0
+        if self.check_finite:
+            for q in quant_out:
+                _check_finite(q, f"output of decoder layer {prefix} after quantization")
+        next_inputs = [with_hidden(inp, out) for inp, out in zip(inputs, quant_out)]
+        ctx.clear_state()
+        if self.recipe.runtime.offload_layers and self.device.type != "cpu":
+            self.layers[index].to("cpu")
+        return next_inputs, LayerReport(index, time.perf_counter() - started, num / den, len(quantized),
+                                        len(linears) - len(quantized))

@@ -1,0 +1,71 @@
+"""Which scheme and algorithm each Linear gets: recipe defaults, ignored names, per-layer overrides."""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass
+
+from slimquant.config.recipe import LayerOverride, Recipe
+from slimquant.config.scheme import PRESETS, Scheme
+from slimquant.errors import RecipeError
+from slimquant.plugins import AlgorithmPlan
+
+
+@dataclass(frozen=True)
+class LinearPlan:
+    scheme: Scheme
+    weight_algorithm: str
+    act_algorithm: str
+
+
+def name_matches(pattern: str, name: str) -> bool:
+    """Exact name, 're:<regex>' (full match), or a glob such as '*.down_proj'."""
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    if any(c in pattern for c in "*?["):
+        return fnmatch.fnmatchcase(name, pattern)
+    return pattern == name
+
+
+def _check_patterns(patterns: list[str], names: list[str], where: str) -> None:
+    for i, pattern in enumerate(patterns):
+        if pattern.startswith("re:"):
+            try:
+                re.compile(pattern[3:])
+            except re.error as exc:
+                raise RecipeError(f"{where}[{i}]: bad regular expression {pattern!r}: {exc}") from None
+        if not any(name_matches(pattern, n) for n in names):
+            close = [n for n in names if pattern.split(".")[-1] in n][:3]
+            hint = f" (similar: {', '.join(close)})" if close else ""
+            raise RecipeError(f"{where}[{i}]: {pattern!r} matches no layer of the model{hint}")
+
+
+def _apply_override(scheme: Scheme, override: LayerOverride) -> Scheme:
+    base = PRESETS[override.scheme] if override.scheme else scheme
+    weights = override.weights or base.weights
+    activations = override.activations or base.activations
+    if override.weight_only:
+        activations = None
+    return Scheme(weights=weights, activations=activations)
+
+
+def plan_linears(recipe: Recipe, algorithms: AlgorithmPlan, linear_names: list[str],
+                 float_names: list[str] = ()) -> dict[str, LinearPlan | None]:
+    """A plan per quantizable Linear; None means it stays in float. Unmatched names fail loudly."""
+    _check_patterns(recipe.ignore, list(linear_names) + list(float_names), "ignore")
+    for i, override in enumerate(recipe.overrides):
+        _check_patterns(override.targets, list(linear_names), f"overrides[{i}].targets")
+    base = recipe.base_scheme()
+    plans: dict[str, LinearPlan | None] = {}
+    for name in linear_names:
+        if any(name_matches(p, name) for p in recipe.ignore):
+            plans[name] = None
+            continue
+        scheme, algorithm = base, algorithms.weight_algorithm
+        for override in recipe.overrides:
+            if any(name_matches(p, name) for p in override.targets):
+                scheme = _apply_override(scheme, override)
+                algorithm = override.algorithm or algorithm
+        plans[name] = LinearPlan(scheme, algorithm, algorithms.act_algorithm)
+    return plans
