@@ -1,0 +1,118 @@
+"""Shared benchmark protocol: SmolLM2-135M fp32, WikiText-2 test perplexity (16 windows of 2048 tokens),
+calibration 32 x 512 tokens drawn from wiki.valid.tokens with a fixed seed.
+
+The fp32 model is dequantized from the package's GGUF once and cached as safetensors under bench/out/,
+so every run loads the same weights quickly and its peak RSS is not inflated by the GGUF dequantizer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent
+OUT = ROOT / "out"
+DATA = Path(os.environ.get("SLIMQUANT_DATA", ROOT.parent.parent / "shared" / "data" / "wikitext2"))
+CACHE = OUT / "smollm2-135m-fp32"
+
+EVAL_WINDOW = 2048
+EVAL_WINDOWS = 16
+CALIB_SAMPLES = 32
+CALIB_SEQLEN = 512
+CALIB_SEED = 0
+
+
+def ensure_fp32_cache() -> Path:
+    if (CACHE / "config.json").exists():
+        return CACHE
+    from slimquant.config.recipe import ModelSpec
+    from slimquant.model.loading import load_model, load_tokenizer
+
+    model = load_model(ModelSpec())
+    tokenizer = load_tokenizer(ModelSpec())
+    from safetensors.torch import save_file
+
+    from slimquant.model.structure import tied_parameter_names
+
+    tmp = CACHE.with_name(CACHE.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    tied = tied_parameter_names(model)
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k not in tied}
+    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config  # the GGUF marker: these weights are plain fp32 now
+    model.config.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(CACHE)
+    return CACHE
+
+
+def load_fp32():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = ensure_fp32_cache()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True).eval()
+    return model, AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def eval_tokens(tokenizer) -> torch.Tensor:
+    text = (DATA / "wiki.test.raw").read_text(encoding="utf-8").replace("\r\n", "\n")
+    return tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+
+
+def calib_samples(tokenizer, count: int = CALIB_SAMPLES, seqlen: int = CALIB_SEQLEN, seed: int = CALIB_SEED):
+    from slimquant.calibration import random_windows
+
+    text = (DATA / "wiki.valid.tokens").read_text(encoding="utf-8")
+    return random_windows(text, tokenizer, count, seqlen, seed, where="wiki.valid.tokens")
+
+
+def perplexity(model, tokens) -> float:
+    from slimquant.eval.perplexity import perplexity as ppl
+
+    return ppl(model, tokens, EVAL_WINDOW, EVAL_WINDOWS, progress=False)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def current_rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def model_mb(model) -> float:
+    seen, total = set(), 0
+    for p in list(model.parameters()) + list(model.buffers()):
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size()
+    return total / 2**20
+
+
+def run_isolated(script: Path, case: str, extra: list[str] = ()) -> dict:
+    """Run one case in a fresh process so its peak RSS is its own; the case prints one JSON line last."""
+    proc = subprocess.run([sys.executable, str(script), "--case", case, *extra], capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"case": case, "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+class Timer:
+    def __enter__(self):
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.start

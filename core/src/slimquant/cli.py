@@ -1,0 +1,98 @@
+"""Command line: `slimquant quantize | eval | plugins | inspect`. Exit codes: 0 ok, 1 failure, 2 bad input."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from slimquant.errors import SlimquantError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Post-training quantization of Hugging Face causal LMs, built from plugins.")
+console = Console(stderr=True)
+BAD_INPUT, FAILURE = 2, 1
+
+
+def _fail(exc: BaseException) -> None:
+    if isinstance(exc, (SlimquantError, FileNotFoundError)):
+        console.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(BAD_INPUT)
+    console.print(f"[bold red]failed:[/] {type(exc).__name__}: {exc}")
+    raise typer.Exit(FAILURE)
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    for noisy in ("transformers", "accelerate", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+@app.command("plugins")
+def plugins_command() -> None:
+    """List installed algorithm plugins: name, distribution, version and the hooks each implements."""
+    from slimquant import plugins as registry
+
+    table = Table("algorithm", "distribution", "version", "hooks", title="slimquant plugins")
+    for name, info in registry.installed().items():
+        try:
+            hooks = ", ".join(registry.hooks_of(registry.load_plugin_class(name)))
+        except SlimquantError as exc:
+            hooks = f"[red]broken: {exc}[/]"
+        table.add_row(name, info.distribution, info.version, hooks)
+    Console().print(table)
+
+
+@app.command("quantize")
+def quantize_command(
+    recipe: Annotated[Optional[Path], typer.Argument(help="recipe file (YAML or JSON); flags below override it")] = None,
+    model: Annotated[Optional[str], typer.Option(help="model folder or .gguf file; default: embedded SmolLM2-135M")] = None,
+    scheme: Annotated[Optional[str], typer.Option(help="W8A16, W4A16, W8A8, W8A8_DYNAMIC, W4A8_DYNAMIC")] = None,
+    w_bits: Annotated[Optional[int], typer.Option(help="weight bits (2-8)")] = None,
+    group_size: Annotated[Optional[int], typer.Option(help="weight group size (0 = per channel)")] = None,
+    w_sym: Annotated[Optional[bool], typer.Option("--w-sym/--w-asym", help="symmetric weights")] = None,
+    algorithm: Annotated[Optional[list[str]], typer.Option("--algorithm", "-a", help="algorithm name (repeat)")] = None,
+    ignore: Annotated[Optional[list[str]], typer.Option(help="Linear to keep in float: name, glob or re:regex")] = None,
+    calib_file: Annotated[Optional[Path], typer.Option(help="calibration text file (default: self-generated)")] = None,
+    num_samples: Annotated[Optional[int], typer.Option(help="calibration samples")] = None,
+    seqlen: Annotated[Optional[int], typer.Option(help="tokens per calibration sample")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda[:i], npu[:i]")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="output directory")] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing output directory")] = False,
+    save_type: Annotated[Optional[list[str]], typer.Option(help="safe_tensor and/or numpy")] = None,
+    part_file_size: Annotated[float, typer.Option(help="shard size in GB (0 = one file)")] = 0.0,
+    eval_text: Annotated[Optional[Path], typer.Option(help="text file for perplexity before/after")] = None,
+    eval_windows: Annotated[int, typer.Option(help="perplexity windows")] = 8,
+    eval_window: Annotated[int, typer.Option(help="tokens per perplexity window")] = 2048,
+    kl_samples: Annotated[int, typer.Option(help="self-generated samples for KL / top-1 (0 = skip)")] = 4,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log each layer")] = False,
+) -> None:
+    """Quantize a model: print the plan, calibrate and quantize layer by layer, save, report accuracy."""
+    from slimquant.workflow import QuantizeJob, run_quantize_job
+
+    _setup_logging(verbose)
+    try:
+        job = QuantizeJob.from_cli(
+            recipe=recipe, model=model, scheme=scheme, w_bits=w_bits, group_size=group_size, w_sym=w_sym,
+            algorithms=algorithm, ignore=ignore, calib_file=calib_file, num_samples=num_samples, seqlen=seqlen,
+            device=device, output=output, overwrite=overwrite, save_type=save_type,
+            part_file_size=part_file_size, eval_text=eval_text, eval_windows=eval_windows,
+            eval_window=eval_window, kl_samples=kl_samples)
+        run_quantize_job(job, console)
+    except typer.Exit:
+        raise
+    except Exception as exc:  # noqa: BLE001 - every failure becomes a one-line message and an exit code
+        _fail(exc)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        console.print("interrupted: nothing was written")
+        sys.exit(130)

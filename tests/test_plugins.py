@@ -1,0 +1,124 @@
+"""A third-party plugin, unknown to slimquant, found through a real entry point on sys.path."""
+
+import sys
+import textwrap
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import slimquant
+from slimquant import plugins as registry
+from slimquant.errors import RecipeError
+
+PLUGIN_SOURCE = '''
+from typing import Literal
+import torch
+from pydantic import BaseModel
+from slimquant import hookimpl
+from slimquant.quant.math import quantize_weight_with, weight_qparams
+
+CALLS = []
+
+class Config(BaseModel):
+    name: Literal["halfrange"] = "halfrange"
+    ratio: float = 0.5
+
+class HalfRange:
+    """Round-to-nearest with every range shrunk by `ratio` (a deliberately odd algorithm)."""
+    name = "halfrange"
+    Config = Config
+
+    def __init__(self, config):
+        self.config = config
+
+    @hookimpl
+    def quantize_weight(self, ctx, name, module, args, algorithm):
+        if algorithm != self.name:
+            return None
+        CALLS.append(name)
+        s, z = weight_qparams(module.weight, args.bits, args.symmetric, args.group_size,
+                              clip_ratio=self.config.ratio)
+        return quantize_weight_with(module.weight, s, z, args.bits, args.group_size)
+'''
+
+BROKEN_SOURCE = "raise ImportError('this plugin is broken on purpose')\n"
+
+
+@pytest.fixture()
+def third_party(tmp_path, monkeypatch):
+    (tmp_path / "halfrange_plugin.py").write_text(PLUGIN_SOURCE)
+    (tmp_path / "broken_plugin.py").write_text(BROKEN_SOURCE)
+    for dist, module, cls, ep in [("halfrange-plugin", "halfrange_plugin", "HalfRange", "halfrange"),
+                                  ("broken-plugin", "broken_plugin", "Nothing", "broken")]:
+        info = tmp_path / f"{dist.replace('-', '_')}-1.2.3.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.2.3\n")
+        (info / "entry_points.txt").write_text(textwrap.dedent(f"""
+            [slimquant.plugins]
+            {ep} = {module}:{cls}
+        """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield
+    for mod in ("halfrange_plugin", "broken_plugin"):
+        sys.modules.pop(mod, None)
+
+
+def tiny_llama():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def test_listing_does_not_import_plugins(third_party):
+    found = registry.installed()
+    assert found["halfrange"].distribution == "halfrange-plugin" and found["halfrange"].version == "1.2.3"
+    assert "minmax" in found and "broken" in found
+    assert "halfrange_plugin" not in sys.modules and "broken_plugin" not in sys.modules
+
+
+def test_third_party_plugin_is_selected_by_name(third_party):
+    model = tiny_llama()
+    samples = [torch.randint(0, 128, (1, 16)) for _ in range(2)]
+    slimquant.quantize(model, {"scheme": "W8A16", "algorithms": [{"name": "halfrange", "ratio": 0.9}],
+                               "runtime": {"progress": False}}, samples=samples)
+    import halfrange_plugin
+
+    assert len(halfrange_plugin.CALLS) == 14  # 7 Linears x 2 layers
+    assert "broken_plugin" not in sys.modules  # installed but not named: never imported
+
+
+def test_a_broken_plugin_names_itself_and_spares_the_others(third_party):
+    with pytest.raises(RecipeError, match="broken.*failed to import"):
+        registry.plan_algorithms(slimquant.Recipe.parse({"algorithms": ["broken"]}))
+    plan = registry.plan_algorithms(slimquant.Recipe.parse({"algorithms": ["halfrange"]}))
+    assert plan.weight_algorithm == "halfrange"
+
+
+def test_plugin_arguments_are_checked_by_its_own_model(third_party):
+    with pytest.raises(RecipeError, match="ratio"):
+        registry.plan_algorithms(slimquant.Recipe.parse({"algorithms": [{"name": "halfrange", "ratio": "x"}]}))
+
+
+def test_two_weight_algorithms_need_overrides(third_party):
+    with pytest.raises(RecipeError, match="several weight algorithms"):
+        registry.plan_algorithms(slimquant.Recipe.parse({"algorithms": ["halfrange", "minmax"]}))
+    recipe = slimquant.Recipe.parse({"algorithms": ["minmax"], "overrides": [
+        {"targets": ["re:.*down_proj"], "algorithm": "halfrange", "weights": {"bits": 4}}]})
+    model = tiny_llama()
+    report = slimquant.quantize(model, recipe.model_copy(update={"runtime": recipe.runtime.model_copy(
+        update={"progress": False})}), samples=[torch.randint(0, 128, (1, 16))])
+    import halfrange_plugin
+
+    assert sorted(halfrange_plugin.CALLS) == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    assert report.plans["model.layers.0.mlp.down_proj"].scheme.weights.bits == 4
+    assert report.plans["model.layers.0.mlp.up_proj"].scheme.weights.bits == 8
+    assert model.model.layers[1].mlp.down_proj.bits == 4
+
+
+def test_hooks_of_reports_what_a_plugin_implements(third_party):
+    cls = registry.load_plugin_class("halfrange")
+    assert registry.hooks_of(cls) == ["quantize_weight"]
+    assert registry.hooks_of(registry.load_plugin_class("minmax")) == ["observe", "quantize_weight",
+                                                                       "quantize_act"]

@@ -1,0 +1,109 @@
+import pytest
+import torch
+
+from slimquant.quant.math import (
+    dynamic_token_fake_quant,
+    fake_quantize,
+    quantize_weight_with,
+    range_to_qparams,
+    search_clip_ratio,
+    weight_qparams,
+)
+from slimquant.quant.observers import Histogram, MinMax
+from slimquant.quant.qweight import QuantizedWeight, num_groups, qrange
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_round_trip_error_is_at_most_half_a_step(bits, symmetric):
+    torch.manual_seed(bits)
+    w = torch.randn(16, 96)
+    scale, zero = weight_qparams(w, bits, symmetric, group_size=None)
+    q = quantize_weight_with(w, scale, zero, bits, None)
+    err = (q.dequantize() - w).abs()
+    assert (err <= scale / 2 + 1e-6).all()
+    lo, hi = qrange(bits)
+    assert int(q.codes.min()) >= lo and int(q.codes.max()) <= hi
+
+
+def test_asymmetric_beats_symmetric_on_shifted_weights():
+    w = torch.rand(8, 64) + 1.0  # all positive: symmetric wastes half the codes
+    errs = {}
+    for sym in (True, False):
+        scale, zero = weight_qparams(w, 4, sym, None)
+        errs[sym] = (quantize_weight_with(w, scale, zero, 4, None).dequantize() - w).pow(2).mean()
+    assert errs[False] < errs[True] / 2
+
+
+@pytest.mark.parametrize("in_features,group", [(576, 128), (100, 32), (64, 64), (10, 128)])
+def test_ragged_last_group(in_features, group):
+    torch.manual_seed(0)
+    w = torch.randn(4, in_features)
+    w[:, -1] = 50.0  # an outlier in the last (short) group must not affect the other groups' scales
+    scale, zero = weight_qparams(w, 4, False, group)
+    assert scale.shape == (4, num_groups(in_features, group))
+    q = quantize_weight_with(w, scale, zero, 4, group)
+    err = (q.dequantize() - w).abs()
+    last_start = (in_features - 1) // group * group
+    if last_start > 0:
+        assert err[:, :last_start].max() < 0.5  # untouched by the outlier
+    assert (err[:, -1] <= scale[:, -1] / 2 + 1e-5).all()
+
+
+def test_group_quantization_lowers_error_versus_per_channel():
+    torch.manual_seed(1)
+    w = torch.randn(32, 256) * torch.linspace(0.1, 3, 256)
+    errs = []
+    for g in (None, 64, 16):
+        s, z = weight_qparams(w, 4, False, g)
+        errs.append((quantize_weight_with(w, s, z, 4, g).dequantize() - w).pow(2).mean().item())
+    assert errs[0] > errs[1] > errs[2]
+
+
+def test_quantized_weight_rejects_codes_out_of_range_and_bad_shapes():
+    with pytest.raises(ValueError, match="range"):
+        QuantizedWeight(torch.full((2, 4), 9, dtype=torch.int8), torch.ones(2, 1), None, 4, None)
+    with pytest.raises(ValueError, match="scale shape"):
+        QuantizedWeight(torch.zeros(2, 4, dtype=torch.int8), torch.ones(2, 3), None, 4, 2)
+
+
+def test_clip_search_never_increases_error():
+    torch.manual_seed(2)
+    w = torch.randn(16, 128)
+    w[0, 0] = 12.0
+    plain_s, plain_z = weight_qparams(w, 4, True, 32)
+    ratio = search_clip_ratio(w, 4, True, 32)
+    s, z = weight_qparams(w, 4, True, 32, clip_ratio=ratio)
+    plain = (quantize_weight_with(w, plain_s, plain_z, 4, 32).dequantize() - w).abs().pow(2.4).sum()
+    searched = (quantize_weight_with(w, s, z, 4, 32).dequantize() - w).abs().pow(2.4).sum()
+    assert searched <= plain + 1e-5
+    assert (ratio <= 1).all() and (ratio < 1).any()
+
+
+def test_dynamic_per_token_quantization_scales_each_token():
+    x = torch.tensor([[0.01, -0.02, 0.03], [100.0, -50.0, 25.0]])
+    y = dynamic_token_fake_quant(x, 8, symmetric=True)
+    rel = ((y - x).abs() / x.abs().amax(-1, keepdim=True)).max()
+    assert rel < 1 / 254 + 1e-6
+
+
+def test_zero_range_gives_finite_scale():
+    scale, zero = range_to_qparams(torch.tensor(0.0), torch.tensor(0.0), 8, False)
+    assert torch.isfinite(scale) and scale > 0
+    assert torch.isfinite(fake_quantize(torch.zeros(3), scale, zero, 8)).all()
+
+
+def test_histogram_search_finds_the_mse_clip_of_a_heavy_tail():
+    torch.manual_seed(3)
+    x = torch.distributions.Laplace(0.0, 1.0).sample((200_000,))
+    hist, mm = Histogram(2048), MinMax()
+    for chunk in x.split(50_000):  # a range that widens between batches
+        hist.update(chunk)
+        mm.update(chunk[None])
+    lo, hi = hist.search_range(4, symmetric=True)
+    # the MSE-optimal 4-bit clip of a unit Laplace is about 5 (Banner et al., ACIQ); its max is about 12
+    assert 3.5 < hi < 7 and lo == -hi
+    assert hist.counts.sum().item() == pytest.approx(x.numel())
+    assert float(mm.max) == float(x.max())
+    lo8, hi8 = hist.search_range(8, symmetric=True)
+    assert hi < hi8 <= float(x.abs().max()) + 1e-6  # more bits, less clipping
