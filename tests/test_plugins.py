@@ -40,6 +40,14 @@ class HalfRange:
         s, z = weight_qparams(module.weight, args.bits, args.symmetric, args.group_size,
                               clip_ratio=self.config.ratio)
         return quantize_weight_with(module.weight, s, z, args.bits, args.group_size)
+
+
+class QuarterRange(HalfRange):
+    name = "quarterrange"
+
+    class Config(BaseModel):
+        name: Literal["quarterrange"] = "quarterrange"
+        ratio: float = 0.25
 '''
 
 BROKEN_SOURCE = "raise ImportError('this plugin is broken on purpose')\n"
@@ -50,6 +58,7 @@ def third_party(tmp_path, monkeypatch):
     (tmp_path / "halfrange_plugin.py").write_text(PLUGIN_SOURCE)
     (tmp_path / "broken_plugin.py").write_text(BROKEN_SOURCE)
     for dist, module, cls, ep in [("halfrange-plugin", "halfrange_plugin", "HalfRange", "halfrange"),
+                                  ("quarter-plugin", "halfrange_plugin", "QuarterRange", "quarterrange"),
                                   ("broken-plugin", "broken_plugin", "Nothing", "broken")]:
         info = tmp_path / f"{dist.replace('-', '_')}-1.2.3.dist-info"
         info.mkdir()
@@ -103,7 +112,11 @@ def test_plugin_arguments_are_checked_by_its_own_model(third_party):
 
 def test_two_weight_algorithms_need_overrides(third_party):
     with pytest.raises(RecipeError, match="several weight algorithms"):
-        registry.plan_algorithms(slimquant.Recipe.parse({"algorithms": ["halfrange", "minmax"]}))
+        registry.plan_algorithms(slimquant.Recipe.parse({"algorithms": ["halfrange", "quarterrange"]}))
+    # minmax named beside another weight algorithm only sets activation arguments
+    plan = registry.plan_algorithms(slimquant.Recipe.parse({"algorithms": [{"name": "minmax", "act_method": 2},
+                                                                           "halfrange"]}))
+    assert (plan.weight_algorithm, plan.act_algorithm) == ("halfrange", "minmax")
     recipe = slimquant.Recipe.parse({"algorithms": ["minmax"], "overrides": [
         {"targets": ["re:.*down_proj"], "algorithm": "halfrange", "weights": {"bits": 4}}]})
     model = tiny_llama()

@@ -130,6 +130,8 @@ def plan_algorithms(recipe: Recipe) -> AlgorithmPlan:
             raise RecipeError(f"overrides.algorithm: {name!r} does not quantize weights")
 
     weight_algos = [n for n in specs if "quantize_weight" in hooks_of(classes[n]) and n not in override_algos]
+    if len(weight_algos) > 1 and DEFAULT_ALGORITHM in weight_algos:  # minmax named for its activation args
+        weight_algos.remove(DEFAULT_ALGORITHM)
     act_algos = [n for n in specs if "quantize_act" in hooks_of(classes[n]) and n != DEFAULT_ALGORITHM]
     weight_algorithm = _single("weight", weight_algos)
     act_algorithm = _single("activation", act_algos)

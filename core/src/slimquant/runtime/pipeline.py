@@ -24,6 +24,7 @@ from slimquant.plugins import AlgorithmPlan, plan_algorithms
 from slimquant.quant.fake_linear import FakeQuantLinear
 from slimquant.runtime.catcher import catch_layer_inputs
 from slimquant.runtime.context import LayerContext, with_hidden
+from slimquant.runtime.linear_error import measure_linear_errors
 from slimquant.runtime.plan import LinearPlan, plan_linears
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ class LayerReport:
 class QuantizationReport:
     layers: list[LayerReport] = field(default_factory=list)
     plans: dict[str, LinearPlan | None] = field(default_factory=dict)
+    linear_errors: dict[str, float] = field(default_factory=dict)  # relative output error per Linear
     seconds: float = 0.0
 
     def linear_types(self) -> dict[str, str]:
@@ -126,7 +128,7 @@ class LayerwiseQuantizer:
         inputs = self._catch(samples)
         progress = self.recipe.runtime.progress
         for index in tqdm(range(len(self.layers)), desc="layers", disable=not progress, leave=False):
-            inputs, layer_report = self._run_layer(index, inputs)
+            inputs, layer_report = self._run_layer(index, inputs, report.linear_errors)
             report.layers.append(layer_report)
             log.info("layer %d/%d: %.2fs, output error %.3e, %d quantized, %d float", index + 1,
                      len(self.layers), layer_report.seconds, layer_report.output_rel_error,
@@ -147,7 +149,7 @@ class LayerwiseQuantizer:
             if self.device.type != "cpu":
                 self.model.to("cpu")
 
-    def _run_layer(self, index: int, inputs):
+    def _run_layer(self, index: int, inputs, linear_errors: dict[str, float]):
         started = time.perf_counter()
         layer = self.layers[index].to(self.device)
         prefix = f"{self.prefix}.{index}"
@@ -176,7 +178,9 @@ class LayerwiseQuantizer:
         if float_out is None:
             float_out = ctx.run_layer()
 
-        quant_out = ctx.run_layer()
+        fakes = {name: ctx.module(name) for name in quantized}
+        with measure_linear_errors(fakes, ctx.linears, into=linear_errors):
+            quant_out = ctx.run_layer()
         num = sum(float((q - f).float().pow(2).sum()) for q, f in zip(quant_out, float_out))
         den = sum(float(f.float().pow(2).sum()) for f in float_out) or 1.0
         if self.check_finite:

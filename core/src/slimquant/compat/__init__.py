@@ -1,0 +1,1 @@
+"""APIs of other tools, mapped onto slimquant."""
