@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from slimquant.errors import SlimquantError
@@ -21,9 +22,9 @@ BAD_INPUT, FAILURE = 2, 1
 
 def _fail(exc: BaseException) -> None:
     if isinstance(exc, (SlimquantError, FileNotFoundError)):
-        console.print(f"[bold red]error:[/] {exc}")
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True, highlight=False)
         raise typer.Exit(BAD_INPUT)
-    console.print(f"[bold red]failed:[/] {type(exc).__name__}: {exc}")
+    console.print(f"[bold red]failed:[/] {type(exc).__name__}: {escape(str(exc))}", soft_wrap=True, highlight=False)
     raise typer.Exit(FAILURE)
 
 
@@ -70,6 +71,7 @@ def quantize_command(
     eval_windows: Annotated[int, typer.Option(help="perplexity windows")] = 8,
     eval_window: Annotated[int, typer.Option(help="tokens per perplexity window")] = 2048,
     kl_samples: Annotated[int, typer.Option(help="self-generated samples for KL / top-1 (0 = skip)")] = 4,
+    layer_report: Annotated[Optional[Path], typer.Option(help="write per-Linear errors (JSON) here")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log each layer")] = False,
 ) -> None:
     """Quantize a model: print the plan, calibrate and quantize layer by layer, save, report accuracy."""
@@ -82,11 +84,58 @@ def quantize_command(
             algorithms=algorithm, ignore=ignore, calib_file=calib_file, num_samples=num_samples, seqlen=seqlen,
             device=device, output=output, overwrite=overwrite, save_type=save_type,
             part_file_size=part_file_size, eval_text=eval_text, eval_windows=eval_windows,
-            eval_window=eval_window, kl_samples=kl_samples)
+            eval_window=eval_window, kl_samples=kl_samples, layer_report=layer_report)
         run_quantize_job(job, console)
     except typer.Exit:
         raise
     except Exception as exc:  # noqa: BLE001 - every failure becomes a one-line message and an exit code
+        _fail(exc)
+
+
+@app.command("eval")
+def eval_command(
+    output: Annotated[Optional[Path], typer.Argument(help="a saved slimquant output; omit to evaluate the float model")] = None,
+    model: Annotated[Optional[str], typer.Option(help="the float model (folder or .gguf); default: embedded SmolLM2")] = None,
+    text: Annotated[Optional[Path], typer.Option(help="text file for perplexity")] = None,
+    dataset: Annotated[Optional[str], typer.Option(help="a `datasets` name for perplexity, e.g. wikitext")] = None,
+    dataset_config: Annotated[Optional[str], typer.Option(help="the dataset's configuration")] = None,
+    split: Annotated[str, typer.Option(help="dataset split")] = "test",
+    window: Annotated[int, typer.Option(help="tokens per perplexity window")] = 2048,
+    windows: Annotated[int, typer.Option(help="number of perplexity windows")] = 8,
+    kl_samples: Annotated[int, typer.Option(help="self-generated samples for KL / top-1 (0 = skip)")] = 4,
+    layer_errors: Annotated[bool, typer.Option(help="per-Linear error table (LayerWiseQuantError)")] = False,
+    report: Annotated[Optional[Path], typer.Option(help="write the results as JSON here")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Measure a model: perplexity, and for a saved output KL / top-1 against float and per-Linear errors."""
+    from slimquant.config.recipe import ModelSpec
+    from slimquant.evaluate import EvalJob, run_eval_job
+
+    _setup_logging(verbose)
+    try:
+        if output is not None and not output.is_dir():
+            raise FileNotFoundError(f"no saved output at {output}")
+        job = EvalJob(output=output, model=ModelSpec(path=model), text=text, dataset=dataset,
+                      dataset_config=dataset_config, split=split, window=window, windows=windows,
+                      kl_samples=kl_samples, layer_errors=layer_errors, report=report)
+        run_eval_job(job, console)
+    except typer.Exit:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        _fail(exc)
+
+
+@app.command("inspect")
+def inspect_command(
+    output: Annotated[Path, typer.Argument(help="a saved slimquant output directory")],
+    layers: Annotated[bool, typer.Option(help="list every quantized tensor")] = False,
+) -> None:
+    """Show what a saved output holds: scheme, layers, bits, group sizes, files and sizes."""
+    from slimquant.inspect_output import describe
+
+    try:
+        describe(output, Console(), list_layers=layers)
+    except Exception as exc:  # noqa: BLE001
         _fail(exc)
 
 

@@ -14,6 +14,7 @@ from slimquant.calibration import build_samples, generate_samples
 from slimquant.config.recipe import Recipe
 from slimquant.errors import OutputError
 from slimquant.eval.divergence import divergence, logits_of
+from slimquant.eval.layer_errors import errors_table, save_errors
 from slimquant.eval.perplexity import perplexity
 from slimquant.model.loading import load_model, load_tokenizer, resolve_device
 from slimquant.plugins import plan_algorithms
@@ -34,6 +35,7 @@ class QuantizeJob:
     eval_windows: int = 8
     eval_window: int = 2048
     kl_samples: int = 4
+    layer_report: Path | None = None
 
     @classmethod
     def from_cli(cls, *, recipe, model, scheme, w_bits, group_size, w_sym, algorithms, ignore, calib_file,
@@ -136,6 +138,9 @@ def run_quantize_job(job: QuantizeJob, console: Console) -> dict:
         results.update(kl=d.kl, top1=d.top1, kl_tokens=d.tokens)
     results["size_mb_before"], results["size_mb_after"] = _size_mb(report, model)
     _print_summary(console, report, results)
+    Console().print(errors_table(report.linear_errors, limit=10))
+    if job.layer_report:
+        save_errors(report.linear_errors, job.layer_report)
     return results
 
 

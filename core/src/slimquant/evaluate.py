@@ -1,0 +1,93 @@
+"""The job behind `slimquant eval`: perplexity, KL / top-1 against float, and per-Linear errors of a saved output."""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from slimquant.calibration import generate_samples, load_dataset_text, read_text
+from slimquant.config.recipe import CalibrationSpec, ModelSpec
+from slimquant.eval.divergence import divergence, logits_of
+from slimquant.eval.layer_errors import errors_table, linear_errors, save_errors
+from slimquant.eval.perplexity import perplexity
+from slimquant.model.loading import load_model, load_tokenizer
+
+EVAL_SEED = 1_000_003
+
+
+@dataclass
+class EvalJob:
+    output: Path | None  # a saved slimquant output; None = evaluate the float model alone
+    model: ModelSpec
+    text: Path | None = None
+    dataset: str | None = None
+    dataset_config: str | None = None
+    split: str = "test"
+    window: int = 2048
+    windows: int = 8
+    kl_samples: int = 4
+    kl_seqlen: int = 128
+    layer_errors: bool = False
+    report: Path | None = None
+
+
+def _eval_ids(job: EvalJob, tokenizer):
+    if job.text:
+        text = read_text(str(job.text))
+    elif job.dataset:
+        text = load_dataset_text(CalibrationSpec(source="dataset", dataset=job.dataset,
+                                                 dataset_config=job.dataset_config, split=job.split))
+    else:
+        return None
+    return tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+
+
+def run_eval_job(job: EvalJob, console: Console) -> dict:
+    with console.status("loading model"):
+        float_model = load_model(job.model)
+        tokenizer = load_tokenizer(job.model)
+    quantized = None
+    if job.output is not None:
+        from slimquant.loader import load_quantized
+
+        with console.status(f"loading quantized output {job.output}"):
+            quantized = load_quantized(copy.deepcopy(float_model), job.output)
+    results: dict = {}
+    ids = _eval_ids(job, tokenizer)
+    if ids is not None:
+        results["ppl_float"] = perplexity(float_model, ids, job.window, job.windows)
+        if quantized is not None:
+            results["ppl_quantized"] = perplexity(quantized, ids, job.window, job.windows)
+    if quantized is not None and (job.kl_samples or job.layer_errors):
+        with console.status("writing evaluation text with the float model"):
+            samples = generate_samples(float_model, tokenizer, max(job.kl_samples, 1), job.kl_seqlen, EVAL_SEED)
+        if job.kl_samples:
+            d = divergence(logits_of(float_model, samples), quantized, samples)
+            results.update(kl=d.kl, top1=d.top1, kl_tokens=d.tokens)
+        if job.layer_errors:
+            errors = linear_errors(float_model, quantized, samples)
+            results["linear_errors"] = errors
+            Console().print(errors_table(errors))
+            if job.report:
+                save_errors(errors, job.report.with_suffix(".layers.json"))
+    _print(results)
+    if job.report:
+        job.report.write_text(json.dumps({k: v for k, v in results.items() if k != "linear_errors"}, indent=1))
+    return results
+
+
+def _print(results: dict) -> None:
+    table = Table("measure", "value", title="evaluation")
+    if "ppl_float" in results:
+        table.add_row("perplexity (float)", f"{results['ppl_float']:.3f}")
+    if "ppl_quantized" in results:
+        table.add_row("perplexity (quantized)", f"{results['ppl_quantized']:.3f}")
+    if "kl" in results:
+        table.add_row("KL(float || quantized) per token", f"{results['kl']:.5f}")
+        table.add_row("top-1 agreement with float", f"{results['top1']:.2%}")
+    Console().print(table)

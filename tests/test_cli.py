@@ -1,0 +1,87 @@
+"""The CLI's commands, help texts and exit codes (0 ok, 1 failure, 2 bad input)."""
+
+import pytest
+from typer.testing import CliRunner
+
+from slimquant.cli import app
+
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def quick(model_dir, calib, *extra):
+    return run("quantize", "--model", model_dir, "--calib-file", calib, "--num-samples", 2, "--seqlen", 16,
+               "--kl-samples", 1, *extra)
+
+
+@pytest.mark.parametrize("command", ["quantize", "eval", "plugins", "inspect"])
+def test_help_is_complete(command):
+    result = run(command, "--help")
+    assert result.exit_code == 0
+    assert command in result.output
+
+
+def test_plugins_lists_minmax_with_its_hooks():
+    result = run("plugins")
+    assert result.exit_code == 0
+    assert "minmax" in result.output and "quantize_weight" in result.output
+
+
+def test_quantize_a_local_model_end_to_end(tiny_model_dir, calib_text_file, tmp_path):
+    result = quick(tiny_model_dir, calib_text_file, "--scheme", "W8A8", "--layer-report", tmp_path / "l.json")
+    assert result.exit_code == 0, result.output
+    assert "W8A8" in result.output and "top-1" in result.output
+    assert (tmp_path / "l.json").exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--scheme", "W9A9"], "scheme"),
+    (["--w-bits", "12"], "bits"),
+    (["--group-size", "-5"], "group_size"),
+    (["-a", "gtpq"], "gtpq"),
+    (["--ignore", "model.layers.7.mlp.down_proj"], "matches no layer"),
+    (["--device", "tpu"], "device"),
+])
+def test_bad_input_exits_2_with_a_message(tiny_model_dir, calib_text_file, args, message):
+    result = quick(tiny_model_dir, calib_text_file, *args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+
+
+def test_bad_recipe_file_and_missing_model(tmp_path, calib_text_file):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("scheme: W8A16\nalgorithms: [minmax]\ncalibraton: {}\n")
+    result = run("quantize", recipe)
+    assert result.exit_code == 2 and "calibraton" in result.output
+    result = run("quantize", "--model", tmp_path / "nowhere", "--calib-file", calib_text_file)
+    assert result.exit_code == 2 and "does not exist" in result.output
+
+
+def test_empty_calibration_file_exits_2(tiny_model_dir, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    result = quick(tiny_model_dir, empty)
+    assert result.exit_code == 2 and "empty" in result.output
+
+
+def test_existing_output_is_never_overwritten_without_the_flag(tiny_model_dir, calib_text_file, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.txt").write_text("precious")
+    result = quick(tiny_model_dir, calib_text_file, "--output", out)
+    assert result.exit_code == 2 and "--overwrite" in result.output
+    assert (out / "results.txt").read_text() == "precious"
+
+
+def test_an_unexpected_failure_exits_1(tiny_model_dir, calib_text_file, monkeypatch):
+    from slimquant.runtime import pipeline
+
+    def boom(self, samples):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(pipeline.LayerwiseQuantizer, "run", boom)
+    result = quick(tiny_model_dir, calib_text_file)
+    assert result.exit_code == 1 and "disk on fire" in result.output
