@@ -51,8 +51,8 @@ def plugins_command() -> None:
 
 @app.command("quantize")
 def quantize_command(
-    recipe: Annotated[Optional[Path], typer.Argument(help="recipe file (YAML or JSON); flags below override it")] = None,
-    model: Annotated[Optional[str], typer.Option(help="model folder or .gguf file; default: embedded SmolLM2-135M")] = None,
+    recipe: Annotated[Optional[Path], typer.Argument(help="recipe file (YAML or JSON); flags override it")] = None,
+    model: Annotated[Optional[str], typer.Option(help="model folder or .gguf; default: embedded SmolLM2-135M")] = None,
     scheme: Annotated[Optional[str], typer.Option(help="W8A16, W4A16, W8A8, W8A8_DYNAMIC, W4A8_DYNAMIC")] = None,
     w_bits: Annotated[Optional[int], typer.Option(help="weight bits (2-8)")] = None,
     group_size: Annotated[Optional[int], typer.Option(help="weight group size (0 = per channel)")] = None,
@@ -94,8 +94,8 @@ def quantize_command(
 
 @app.command("eval")
 def eval_command(
-    output: Annotated[Optional[Path], typer.Argument(help="a saved slimquant output; omit to evaluate the float model")] = None,
-    model: Annotated[Optional[str], typer.Option(help="the float model (folder or .gguf); default: embedded SmolLM2")] = None,
+    output: Annotated[Optional[Path], typer.Argument(help="a saved output; omit to evaluate the float model")] = None,
+    model: Annotated[Optional[str], typer.Option(help="the float model (folder or .gguf); default: SmolLM2")] = None,
     text: Annotated[Optional[Path], typer.Option(help="text file for perplexity")] = None,
     dataset: Annotated[Optional[str], typer.Option(help="a `datasets` name for perplexity, e.g. wikitext")] = None,
     dataset_config: Annotated[Optional[str], typer.Option(help="the dataset's configuration")] = None,

@@ -152,13 +152,14 @@ def _print_summary(console: Console, report: QuantizationReport, results: dict) 
     summary = Table("measure", "value", title="summary")
     summary.add_row("Linear weights (MB)", f"{results['size_mb_before']:.1f} -> {results['size_mb_after']:.1f}")
     summary.add_row("quantization time (s)", f"{results['quantize_seconds']:.1f}")
-    worst = max(report.layers, key=lambda l: l.output_rel_error, default=None)
+    worst = max(report.layers, key=lambda layer: layer.output_rel_error, default=None)
     if worst:
         summary.add_row("worst layer output error", f"layer {worst.index}: {worst.output_rel_error:.2e}")
     if "kl" in results:
         summary.add_row("KL(float || quantized) per token", f"{results['kl']:.5f}")
         summary.add_row("top-1 agreement with float", f"{results['top1']:.2%}")
     if "ppl_float" in results:
-        summary.add_row("perplexity float -> quantized", f"{results['ppl_float']:.3f} -> {results['ppl_quantized']:.3f}")
+        ppl = f"{results['ppl_float']:.3f} -> {results['ppl_quantized']:.3f}"
+        summary.add_row("perplexity float -> quantized", ppl)
     Console().print(summary)
 

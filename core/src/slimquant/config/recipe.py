@@ -138,7 +138,8 @@ class Recipe(BaseModel):
         try:
             data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
         except (json.JSONDecodeError, yaml.YAMLError) as exc:
-            raise RecipeError(f"recipe {path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}")
+            kind = "JSON" if path.suffix == ".json" else "YAML"
+            raise RecipeError(f"recipe {path} is not valid {kind}: {exc}") from None
         return cls.parse(data or {}, source=str(path))
 
     @classmethod

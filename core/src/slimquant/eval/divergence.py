@@ -24,7 +24,7 @@ def logits_of(model, samples: list[torch.Tensor]) -> list[torch.Tensor]:
 @torch.no_grad()
 def divergence(reference_logits: list[torch.Tensor], model, samples: list[torch.Tensor]) -> Divergence:
     kl_sum, agree, tokens = 0.0, 0, 0
-    for ref, got in zip(reference_logits, logits_of(model, samples)):
+    for ref, got in zip(reference_logits, logits_of(model, samples), strict=True):
         p_log = F.log_softmax(ref, -1)
         q_log = F.log_softmax(got, -1)
         kl_sum += float((p_log.exp() * (p_log - q_log)).sum())

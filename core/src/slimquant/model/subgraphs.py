@@ -33,7 +33,7 @@ class Subgraph:
 
 def is_norm(module: nn.Module) -> bool:
     name = type(module).__name__.lower()
-    return "norm" in name and hasattr(module, "weight") and isinstance(getattr(module, "weight"), torch.Tensor)
+    return "norm" in name and hasattr(module, "weight") and isinstance(module.weight, torch.Tensor)
 
 
 def _rows_of(x: torch.Tensor, y: torch.Tensor) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from slimquant.runtime.context import LayerInput
 
@@ -31,12 +32,12 @@ class _Catcher(nn.Module):
 
 @torch.no_grad()
 def catch_layer_inputs(model: nn.Module, layers: nn.ModuleList, samples: list[torch.Tensor],
-                       device: torch.device) -> list[LayerInput]:
+                       device: torch.device, progress: bool = True) -> list[LayerInput]:
     store: list[LayerInput] = []
     first = layers[0]
     layers[0] = _Catcher(first, store)
     try:
-        for ids in samples:
+        for ids in tqdm(samples, desc="calibration inputs", disable=not progress, leave=False):
             try:
                 model(input_ids=ids.to(device), use_cache=False)
             except _Caught:

@@ -144,7 +144,7 @@ class LayerwiseQuantizer:
             self.layers.to("cpu")
         try:
             self.layers[0].to(self.device)
-            return catch_layer_inputs(self.model, self.layers, samples, self.device)
+            return catch_layer_inputs(self.model, self.layers, samples, self.device, self.recipe.runtime.progress)
         finally:
             if self.device.type != "cpu":
                 self.model.to("cpu")
@@ -181,12 +181,12 @@ class LayerwiseQuantizer:
         fakes = {name: ctx.module(name) for name in quantized}
         with measure_linear_errors(fakes, ctx.linears, into=linear_errors):
             quant_out = ctx.run_layer()
-        num = sum(float((q - f).float().pow(2).sum()) for q, f in zip(quant_out, float_out))
+        num = sum(float((q - f).float().pow(2).sum()) for q, f in zip(quant_out, float_out, strict=True))
         den = sum(float(f.float().pow(2).sum()) for f in float_out) or 1.0
         if self.check_finite:
             for q in quant_out:
                 _check_finite(q, f"output of decoder layer {prefix} after quantization")
-        next_inputs = [with_hidden(inp, out) for inp, out in zip(inputs, quant_out)]
+        next_inputs = [with_hidden(inp, out) for inp, out in zip(inputs, quant_out, strict=True)]
         ctx.clear_state()
         if self.recipe.runtime.offload_layers and self.device.type != "cpu":
             self.layers[index].to("cpu")
