@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
-class Strategy(str, Enum):
+class Strategy(StrEnum):
     TENSOR = "tensor"
     CHANNEL = "channel"
     GROUP = "group"
