@@ -32,19 +32,16 @@ class ExpertMLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
-class LinearExperts(nn.Module):
-    """Same call signature as transformers' fused experts: (hidden_states, top_k_index, top_k_weights)."""
+class LinearExperts(nn.ModuleList):
+    """Same call signature as transformers' fused experts: (hidden_states, top_k_index, top_k_weights).
+
+    A ModuleList, so expert e's Linears are named `...experts.<e>.gate_proj` as in per-expert checkpoints.
+    """
 
     def __init__(self, fused: nn.Module):
-        super().__init__()
-        self.num_experts = fused.gate_up_proj.shape[0]
-        self.experts = nn.ModuleList(
-            ExpertMLP(fused.gate_up_proj.data[e], fused.down_proj.data[e], fused.act_fn)
-            for e in range(self.num_experts)
-        )
-
-    def __getitem__(self, index: int) -> ExpertMLP:
-        return self.experts[index]
+        super().__init__(ExpertMLP(fused.gate_up_proj.data[e], fused.down_proj.data[e], fused.act_fn)
+                         for e in range(fused.gate_up_proj.shape[0]))
+        self.num_experts = len(self)
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
         out = torch.zeros_like(hidden_states)
@@ -57,7 +54,7 @@ class LinearExperts(nn.Module):
                 continue
             sel = flat_experts == e
             tokens = flat_tokens[sel]
-            y = self.experts[e](hidden_states[tokens]) * flat_weights[sel, None].to(hidden_states.dtype)
+            y = self[e](hidden_states[tokens]) * flat_weights[sel, None].to(hidden_states.dtype)
             out.index_add_(0, tokens, y.to(out.dtype))
         return out
 

@@ -89,7 +89,8 @@ def all_quantizable_linears(model: nn.Module) -> dict[str, nn.Linear]:
 def float_module_names(model: nn.Module) -> list[str]:
     """Modules outside the decoder layers: embeddings, final norm, lm_head. They stay in float."""
     prefix, _ = find_decoder_layers(model)
-    return [n for n, m in model.named_children() if n != prefix.split(".")[0]]
+    return [n for n, _ in model.named_modules()
+            if n and not (n == prefix or n.startswith(prefix + ".") or prefix.startswith(n + "."))]
 
 
 def tied_parameter_names(model: nn.Module) -> dict[str, str]:

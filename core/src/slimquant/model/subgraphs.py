@@ -1,9 +1,9 @@
 """Which norm or Linear feeds which Linears inside a decoder layer: the one table smoothers read.
 
 Norm -> Linears is found by tracing: one forward of the layer records each norm's output tensor and each
-Linear's input; a Linear fed by a norm receives that very tensor (or, for MoE experts, rows of it). Linear ->
-Linear pairs cannot be traced through attention or the gated activation, so they come from a small table
-of names, resolved inside one parent module, and only where the rewrite is exact.
+Linear's input; a Linear fed by a norm receives that very tensor, maybe reshaped (or, for MoE experts, rows
+of it). Linear -> Linear pairs cannot be traced through attention or the gated activation, so they come from
+a small table of names, resolved inside one parent module, and only where the rewrite is exact.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from torch import nn
 LINEAR_PAIRS = (
     ("v_proj", "o_proj", "attention"),
     ("v_proj", "dense", "attention"),
+    ("v_proj", "out_proj", "attention"),
     ("up_proj", "down_proj", "gated"),
     ("w3", "w2", "gated"),
 )
@@ -45,6 +46,15 @@ def _rows_of(x: torch.Tensor, y: torch.Tensor) -> bool:
     return bool((probe[:, None, :] == y2[None, :, :]).all(-1).any(-1).all())
 
 
+def _same_tensor(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """x is y, or a view of y with the same elements, such as y flattened to [tokens, hidden] by an MoE block."""
+    if x is y:
+        return True
+    if x.data_ptr() != y.data_ptr() or x.numel() != y.numel() or x.shape[-1] != y.shape[-1]:
+        return False
+    return x.stride() == y.stride() or (x.is_contiguous() and y.is_contiguous())
+
+
 def _sibling_key(name: str) -> str:
     return re.sub(r"\.experts\.\d+\.", ".experts.*.", name)
 
@@ -52,7 +62,7 @@ def _sibling_key(name: str) -> str:
 @dataclass
 class LayerTrace:
     norm_subgraphs: list[Subgraph]
-    groups: list[list[str]]  # Linears in call order, those sharing one input tensor together (q/k/v, gate/up)
+    groups: list[list[str]]  # call order; one input tensor or sibling experts per group (q/k/v, gate/up)
 
 
 @torch.no_grad()
@@ -60,14 +70,25 @@ def trace_layer(layer: nn.Module, prefix: str, linears: dict[str, nn.Linear], ru
     """`run()` calls the layer once on real inputs."""
     norm_out: dict[str, torch.Tensor] = {}
     lin_in: dict[str, torch.Tensor] = {}
+
+    # Forward hooks must return None: a returned value would replace the module's output.
+    def record_norm(full):
+        def hook(module, inputs, output):
+            norm_out.setdefault(full, output[0] if isinstance(output, tuple) else output)
+        return hook
+
+    def record_linear(full):
+        def hook(module, inputs, output):
+            lin_in.setdefault(full, inputs[0])
+        return hook
+
     handles = []
     for name, module in layer.named_modules():
         full = f"{prefix}.{name}"
         if is_norm(module):
-            handles.append(module.register_forward_hook(
-                lambda m, i, o, full=full: norm_out.setdefault(full, o[0] if isinstance(o, tuple) else o)))
+            handles.append(module.register_forward_hook(record_norm(full)))
         elif full in linears:
-            handles.append(module.register_forward_hook(lambda m, i, o, full=full: lin_in.setdefault(full, i[0])))
+            handles.append(module.register_forward_hook(record_linear(full)))
     try:
         run()
     finally:
@@ -77,29 +98,35 @@ def trace_layer(layer: nn.Module, prefix: str, linears: dict[str, nn.Linear], ru
 
 
 def _call_groups(linears: dict[str, nn.Linear], lin_in: dict[str, torch.Tensor]) -> list[list[str]]:
+    """Linears in call order, those sharing one input tensor together. The same Linear of every MoE expert
+    joins one group (the experts run side by side), and so do experts no token reached in the trace."""
     groups: list[list[str]] = []
-    last = None
+    group_of: dict[str, list[str]] = {}  # sibling key -> the group holding that Linear
+    last_key, last_group = None, None
     for name, x in lin_in.items():  # dicts keep insertion order = call order
         key = (x.data_ptr(), tuple(x.shape))
-        if groups and key == last:
-            groups[-1].append(name)
-        else:
-            groups.append([name])
-        last = key
-    never_called = [n for n in linears if n not in lin_in]  # e.g. experts no token reached
+        group = group_of.get(_sibling_key(name)) or (last_group if key == last_key else None)
+        if group is None:
+            group = []
+            groups.append(group)
+        group.append(name)
+        group_of.setdefault(_sibling_key(name), group)
+        last_key, last_group = key, group
+    never_called: list[str] = []
+    for name in linears:
+        if name not in lin_in:
+            group_of.get(_sibling_key(name), never_called).append(name)
     if never_called:
         groups.append(never_called)
     return groups
 
 
 def _norm_subgraphs(linears, norm_out, lin_in) -> list[Subgraph]:
-
     graphs: dict[str, Subgraph] = {}
     matched: dict[str, str] = {}
     for lin, x in lin_in.items():
         for norm, y in norm_out.items():
-            if x is y or (x.data_ptr() == y.data_ptr() and x.shape == y.shape) or (
-                    ".experts." in lin and _rows_of(x, y)):
+            if _same_tensor(x, y) or (".experts." in lin and _rows_of(x, y)):
                 matched[lin] = norm
                 break
     by_key = {_sibling_key(lin): norm for lin, norm in matched.items()}

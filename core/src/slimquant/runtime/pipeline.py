@@ -137,10 +137,9 @@ class LayerwiseQuantizer:
         return report
 
     def _catch(self, samples):
-        outside = [m for n, m in self.model.named_children()]
-        if self.device.type != "cpu":
-            for m in outside:
-                m.to(self.device)
+        if self.device.type != "cpu":  # everything but the decoder layers goes to the work device
+            for module in self.model.children():
+                module.to(self.device)
             self.layers.to("cpu")
         try:
             self.layers[0].to(self.device)
