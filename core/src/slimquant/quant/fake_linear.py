@@ -59,7 +59,7 @@ class FakeQuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        x = self.quantize_input(x.to(self.compute_dtype))
+        x = self.quantize_input(x.float()).to(self.compute_dtype)  # rounding in float32, matmul in the model's dtype
         out = F.linear(x, self.weight, None if self.bias is None else self.bias.to(self.compute_dtype))
         return out.to(dtype)
 

@@ -1,0 +1,58 @@
+"""Saving quantized models: the msModelSlim layout (safetensors / numpy) written atomically.
+
+`save_quantized` is what the Calibrator API and the CLI call; the formats themselves are `export` hook
+implementations (`slimquant.export.ascend.AscendExporter`, entry point `ascend`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from torch import nn
+
+from slimquant.errors import OutputError
+from slimquant.export.ascend import FORMATS, AscendExporter
+from slimquant.export.atomic import atomic_output_dir, check_output_dir
+from slimquant.plugins import PluginSet
+
+__all__ = ["FORMATS", "AscendExporter", "atomic_output_dir", "save_quantized"]
+
+
+def _formats(save_type: str | Sequence[str]) -> list[str]:
+    formats = [save_type] if isinstance(save_type, str) else list(save_type)
+    if not formats:
+        raise OutputError(f"save_type is empty; use one or more of {', '.join(FORMATS)}")
+    for fmt in formats:
+        if fmt not in FORMATS:
+            raise OutputError(f"unknown save_type {fmt!r}; use one or more of {', '.join(FORMATS)}")
+    return list(dict.fromkeys(formats))
+
+
+def save_quantized(model: nn.Module, output_dir: str | os.PathLike, save_type: str | Sequence[str] = ("safe_tensor",),
+                   part_file_size: float = 0, overwrite: bool = False, linear_types: dict[str, str] | None = None,
+                   tokenizer=None, pack_int4: bool = True) -> list[Path]:
+    """Write the fake-quantized `model` to `output_dir` in each format of `save_type`; return the files written.
+
+    part_file_size: shard size in GiB for safetensors (0 = one file). The directory appears complete or not at
+    all; an existing non-empty directory is refused unless overwrite=True. `tokenizer`, when given, is saved
+    alongside (MindIE and vLLM Ascend load tokenizer files from the weights directory).
+    """
+    formats = _formats(save_type)
+    if isinstance(part_file_size, bool) or not isinstance(part_file_size, int | float) or part_file_size < 0:
+        raise OutputError(f"part_file_size must be a number of GiB >= 0 (0 = one file), got {part_file_size!r}")
+    final = check_output_dir(output_dir, overwrite)
+    plugins = PluginSet({AscendExporter.name: AscendExporter()})
+    options = {"part_file_size": part_file_size, "linear_types": linear_types, "pack_int4": pack_int4}
+    written: set[Path] = set()
+    with atomic_output_dir(final, overwrite) as tmp:
+        for fmt in formats:
+            files = plugins.hook.export(model=model, output_dir=tmp, fmt=fmt, options=options)
+            if files is None:
+                raise OutputError(f"no exporter wrote format {fmt!r}")
+            written.update(Path(f).relative_to(tmp) for f in files)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+            written.update(p.relative_to(tmp) for p in tmp.iterdir() if p.is_file())
+    return sorted(final / p for p in written)

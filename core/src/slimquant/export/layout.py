@@ -1,0 +1,184 @@
+"""What a fake-quantized model becomes on disk: msModelSlim tensor keys, their types, and per-Linear metadata.
+
+Per quantized Linear `<name>` (a FakeQuantLinear):
+
+- `<name>.weight`: the integer codes, int8 [out, in] in the signed range; 4-bit and narrower codes are packed
+  two per byte (uint8 [out, ceil(in/2)], layout in `slimquant.export.packing`) unless packing is turned off;
+- `<name>.weight_scale`, `<name>.weight_offset`: float32 [out, groups] with groups = ceil(in / group_size)
+  (1 per channel); the last group may be shorter. Dequantization is (weight - weight_offset) * weight_scale,
+  msModelSlim's convention; weight_offset is all zeros for symmetric weights;
+- `<name>.g_idx`: int32 [in], only when the input channels are not grouped contiguously;
+- `<name>.<extra>`: every algorithm-specific tensor of QuantizedWeight.extras (e.g. weight_scale_second);
+- `<name>.bias`: the float bias, when the Linear has one;
+- static activations: `<name>.input_scale`, `<name>.input_offset` (float32, [1] per tensor or [in] per
+  channel; x_q = round(x / input_scale) + input_offset), and when the integer kernel applies (per-tensor input
+  scale, one symmetric weight group per channel) `<name>.deq_scale` = input_scale * weight_scale[:, 0]
+  (float32 [out]) and `<name>.quant_bias` (int32 [out]), computed in float64 as
+
+      quant_bias[o] = round(bias[o] / deq_scale[o]) - input_offset * sum_k weight[o, k]
+
+  so that (x_q @ weight.T + quant_bias) * deq_scale == x_dequant @ W_dequant.T + bias up to bias rounding.
+
+Every other state-dict tensor (embeddings, norms, lm_head, float Linears) keeps its name and dtype, type FLOAT.
+A tensor sharing storage with an earlier one (tied lm_head) is stored once and listed under "tied".
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from slimquant.errors import OutputError
+from slimquant.export.packing import MAX_PACKED_BITS, PACK_INT4, pack_int4
+from slimquant.quant.fake_linear import FakeQuantLinear
+from slimquant.quant.qweight import contiguous_g_idx
+
+FORMAT_VERSION = 1
+INT32 = (-(2**31), 2**31 - 1)
+
+
+@dataclass
+class Layout:
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    types: dict[str, str] = field(default_factory=dict)
+    owner: dict[str, str | None] = field(default_factory=dict)  # key -> quantized Linear name (None: float)
+    linears: dict[str, dict] = field(default_factory=dict)
+    tied: dict[str, str] = field(default_factory=dict)
+    model_quant_type: str = "FLOAT"
+
+    def add(self, key: str, tensor: torch.Tensor, kind: str, owner: str | None = None) -> None:
+        if key in self.tensors:
+            raise OutputError(f"tensor key {key!r} would be written twice (an extra tensor clashes with it?)")
+        self.tensors[key] = tensor.detach().cpu().contiguous()
+        self.types[key] = kind
+        self.owner[key] = owner
+
+    def quant_type_lower(self) -> str:
+        return self.model_quant_type.lower()
+
+
+def linear_type(module: FakeQuantLinear) -> str:
+    """W8A16, W4A16, W8A8, W8A8_DYNAMIC, ... as `Scheme.type_name` spells them."""
+    act = module.act
+    if act is None:
+        return f"W{module.bits}A16"
+    return f"W{module.bits}A{act.bits}{'_DYNAMIC' if act.dynamic else ''}"
+
+
+def _int_kernel_params(w_scale: torch.Tensor, w_zero: torch.Tensor | None, act) -> tuple[torch.Tensor, float] | None:
+    """deq_scale and the input offset, when an int8 x int8 kernel can run this Linear (else None)."""
+    if act.scale.numel() != 1 or w_scale.shape[1] != 1 or w_zero is not None:
+        return None
+    deq = (act.scale.float().reshape(()) * w_scale[:, 0].float()).contiguous()
+    offset = 0.0 if act.zero is None else float(act.zero.reshape(()))
+    return deq, offset
+
+
+def _quant_bias(name: str, codes: torch.Tensor, bias: torch.Tensor | None, deq: torch.Tensor,
+                offset: float) -> torch.Tensor:
+    correction = codes.to(torch.int64).sum(dim=1) * int(round(offset))
+    folded = torch.zeros_like(correction) if bias is None else torch.round(bias.double() / deq.double()).to(torch.int64)
+    qb = folded - correction
+    if qb.numel() and (int(qb.min()) < INT32[0] or int(qb.max()) > INT32[1]):
+        raise OutputError(f"{name}: quant_bias overflows int32 (bias / deq_scale too large); "
+                          "leave this Linear in float or quantize its input per token")
+    return qb.to(torch.int32)
+
+
+def _add_linear(layout: Layout, name: str, module: FakeQuantLinear, kind: str, pack: bool) -> None:
+    qw = module.qweight
+    out_features, in_features = qw.shape
+    packed = pack and qw.bits <= MAX_PACKED_BITS
+    own = lambda key, t: layout.add(f"{name}.{key}", t, kind, name)  # noqa: E731
+    own("weight", pack_int4(qw.codes.cpu()) if packed else qw.codes)
+    own("weight_scale", qw.scale.float())
+    own("weight_offset", torch.zeros_like(qw.scale, dtype=torch.float32) if qw.zero is None else qw.zero.float())
+    g_idx = qw.g_idx
+    if g_idx is not None and torch.equal(g_idx.cpu().long(), contiguous_g_idx(in_features, qw.group_size).long()):
+        g_idx = None
+    if g_idx is not None:
+        own("g_idx", g_idx.to(torch.int32))
+    for extra, tensor in qw.extras.items():
+        own(extra, tensor)
+    if module.bias is not None:
+        own("bias", module.bias)
+    act = module.act_qparams
+    act_meta, int_kernel = None, False
+    if act is not None:
+        act_meta = {"bits": act.bits, "symmetric": act.symmetric, "dynamic": act.dynamic}
+        if not act.dynamic:
+            act_meta["per_channel"] = act.scale.numel() != 1
+            own("input_scale", act.scale.float().reshape(-1))
+            zero = torch.zeros_like(act.scale) if act.zero is None else act.zero
+            own("input_offset", zero.float().reshape(-1))
+            params = _int_kernel_params(qw.scale, qw.zero, act)
+            if params is not None:
+                deq, offset = params
+                own("deq_scale", deq)
+                own("quant_bias", _quant_bias(name, qw.codes.cpu(), None if module.bias is None
+                                              else module.bias.detach().cpu(), deq.cpu(), offset))
+                int_kernel = True
+    layout.linears[name] = {
+        "type": kind, "bits": qw.bits, "symmetric": qw.symmetric, "group_size": qw.group_size or 0,
+        "in_features": in_features, "out_features": out_features, "groups": int(qw.scale.shape[1]),
+        "pack": PACK_INT4 if packed else None, "g_idx": g_idx is not None, "extras": list(qw.extras),
+        "bias": module.bias is not None, "act": act_meta, "int_kernel": int_kernel,
+    }
+
+
+def _storage_key(t: torch.Tensor):
+    return (t.device.type, t.data_ptr(), t.dtype, tuple(t.shape), t.stride()) if t.numel() else None
+
+
+def build_layout(model: nn.Module, linear_types: dict[str, str] | None = None, pack: bool = True) -> Layout:
+    fakes = {n: m for n, m in model.named_modules() if isinstance(m, FakeQuantLinear)}
+    kinds = {n: linear_type(m) for n, m in fakes.items()}
+    for name, kind in (linear_types or {}).items():
+        if kind == "FLOAT":
+            if name in fakes:
+                raise OutputError(f"linear_types says {name} is FLOAT, but the model holds it quantized "
+                                  f"({kinds[name]})")
+            continue
+        if name not in fakes:
+            raise OutputError(f"linear_types says {name} is {kind}, but the model holds no quantized Linear there "
+                              "(was the model quantized with this report?)")
+        if kinds[name] != kind:
+            raise OutputError(f"{name}: linear_types says {kind}, the quantized Linear is {kinds[name]}")
+    layout = Layout()
+    counts = Counter(kinds.values())
+    if counts:
+        layout.model_quant_type = counts.most_common(1)[0][0]
+    seen: dict[tuple, str] = {}
+    state = model.state_dict(keep_vars=True)
+    for key, tensor in state.items():
+        prefix = key.rpartition(".")[0]
+        if prefix in fakes:
+            if prefix not in layout.linears:
+                _add_linear(layout, prefix, fakes[prefix], kinds[prefix], pack)
+            continue
+        storage = _storage_key(tensor)
+        if storage is not None and storage in seen:
+            layout.tied[key] = seen[storage]
+            continue
+        if storage is not None:
+            seen[storage] = key
+        layout.add(key, tensor, "FLOAT")
+    return layout
+
+
+def description(layout: Layout, files: dict[str, str]) -> dict:
+    """The quant_model_description JSON: msModelSlim's flat {key: type} plus slimquant's metadata."""
+    group_sizes = {lin["group_size"] for lin in layout.linears.values()}
+    bits = {lin["bits"] for lin in layout.linears.values()}
+    desc: dict = {"model_quant_type": layout.model_quant_type, "version": "1.0.0"}
+    if len(group_sizes) == 1:
+        desc["group_size"] = group_sizes.pop()
+    if len(bits) == 1:
+        desc["weight_bits"] = bits.pop()
+    desc["slimquant"] = {"format": FORMAT_VERSION, "linears": layout.linears, "tied": layout.tied,
+                         "files": dict(sorted(files.items()))}
+    desc.update(layout.types)
+    return desc
