@@ -85,3 +85,28 @@ def test_an_unexpected_failure_exits_1(tiny_model_dir, calib_text_file, monkeypa
     monkeypatch.setattr(pipeline.LayerwiseQuantizer, "run", boom)
     result = quick(tiny_model_dir, calib_text_file)
     assert result.exit_code == 1 and "disk on fire" in result.output
+
+
+def test_quantize_save_inspect_and_eval_round_trip(tiny_model_dir, calib_text_file, tmp_path):
+    out = tmp_path / "w4"
+    result = quick(tiny_model_dir, calib_text_file, "--w-bits", 4, "--group-size", 48, "--output", out)
+    assert result.exit_code == 0, result.output
+    result = run("inspect", out, "--layers")
+    assert result.exit_code == 0, result.output
+    assert "W4A16" in result.output and "int4x2" in result.output and "48" in result.output
+    report = tmp_path / "eval.json"
+    result = run("eval", out, "--model", tiny_model_dir, "--text", calib_text_file, "--window", 32,
+                 "--windows", 2, "--kl-samples", 1, "--layer-errors", "--report", report)
+    assert result.exit_code == 0, result.output
+    assert "perplexity (quantized)" in result.output and report.exists()
+    assert (tmp_path / "eval.layers.json").exists()
+
+
+def test_inspect_and_eval_refuse_what_is_not_an_output(tmp_path):
+    result = run("inspect", tmp_path / "missing")
+    assert result.exit_code == 2 and "missing" in result.output
+    (tmp_path / "junk").mkdir()
+    result = run("inspect", tmp_path / "junk")
+    assert result.exit_code == 2 and "quant_model_description" in result.output
+    result = run("eval", tmp_path / "missing")
+    assert result.exit_code == 2 and "no saved output" in result.output
