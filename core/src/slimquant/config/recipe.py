@@ -80,6 +80,7 @@ class RuntimeSpec(BaseModel):
     progress: bool = True
     check_finite: bool = True
     offload_layers: bool = Field(True, description="move each decoder layer back to CPU when done")
+    error_samples: int = Field(4, gt=0, description="calibration samples on which layer errors are measured")
 
 
 class Recipe(BaseModel):

@@ -29,7 +29,8 @@ def linear_errors(float_model, quantized_model, samples: list[torch.Tensor]) -> 
 
 def errors_table(errors: dict[str, float], limit: int = 20) -> Table:
     table = Table("rank", "Linear", "relative output error", title=f"largest per-Linear errors (of {len(errors)})")
-    for rank, (name, err) in enumerate(list(errors.items())[:limit], start=1):
+    worst_first = sorted(errors.items(), key=lambda kv: kv[1], reverse=True)
+    for rank, (name, err) in enumerate(worst_first[:limit], start=1):
         table.add_row(str(rank), name, f"{err:.3e}")
     return table
 

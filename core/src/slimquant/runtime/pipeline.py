@@ -166,21 +166,24 @@ class LayerwiseQuantizer:
             ctx._trace = None
 
         ctx.phase = "quantize"
+        k = self.recipe.runtime.error_samples  # samples on which errors against float are measured
         float_out = None
         for i, group in enumerate(self._sequential_groups(ctx) if quantized else []):
             if i > 0:
                 ctx.clear_state()
             outs = self._observe_pass(ctx, group)
-            float_out = float_out if float_out is not None else outs
+            float_out = float_out if float_out is not None else outs[:k]
+            del outs
             for name in group:
                 self._quantize_linear(ctx, name, plans[name])
         if float_out is None:
-            float_out = ctx.run_layer()
+            float_out = ctx.run_layer(inputs[:k])
 
         fakes = {name: ctx.module(name) for name in quantized}
         with measure_linear_errors(fakes, ctx.linears, into=linear_errors):
-            quant_out = ctx.run_layer()
-        num = sum(float((q - f).float().pow(2).sum()) for q, f in zip(quant_out, float_out, strict=True))
+            quant_out = ctx.run_layer(inputs[:k])
+        quant_out += ctx.run_layer(inputs[k:])
+        num = sum(float((q - f).float().pow(2).sum()) for q, f in zip(quant_out[:k], float_out, strict=True))
         den = sum(float(f.float().pow(2).sum()) for f in float_out) or 1.0
         if self.check_finite:
             for q in quant_out:
