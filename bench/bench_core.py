@@ -70,8 +70,9 @@ def main() -> None:
             print(f"| {r['case']} | failed: {r['error']} | | | | | |")
             continue
         peak = r.get("peak_rss_quant_mb")
+        ratio = f"{peak / r['model_mb']:.2f}" if peak else "-"
         print(f"| {r['case']} | {r['ppl']:.2f} | {100 * (r['ppl'] / fp32 - 1):+.2f}% | {r.get('quant_seconds', '-')} "
-              f"| {peak or '-'} | {r['rss_after_load_mb']} | {f'{peak / r['model_mb']:.2f}' if peak else '-'} |")
+              f"| {peak or '-'} | {r['rss_after_load_mb']} | {ratio} |")
     common.OUT.mkdir(exist_ok=True)
     (common.OUT / "core_results.json").write_text(json.dumps(results, indent=1))
 

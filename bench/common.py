@@ -116,3 +116,57 @@ class Timer:
 
     def __exit__(self, *exc):
         self.seconds = time.perf_counter() - self.start
+
+
+def quantize_and_measure(name: str, recipe: dict | None, samples_fn=None) -> dict:
+    """One benchmark case in this process: load fp32, quantize (timed, peak RSS), perplexity."""
+    import slimquant
+
+    model, tokenizer = load_fp32()
+    result = {"case": name, "model_mb": round(model_mb(model), 1), "rss_after_load_mb": round(current_rss_mb(), 1)}
+    if recipe is not None:
+        samples = (samples_fn or calib_samples)(tokenizer)
+        with Timer() as t:
+            slimquant.quantize(model, {**recipe, "runtime": {"progress": False}}, samples=samples)
+        result.update(quant_seconds=round(t.seconds, 1), peak_rss_quant_mb=round(peak_rss_mb(), 1))
+    result["ppl"] = round(perplexity(model, eval_tokens(tokenizer)), 3)
+    return result
+
+
+def run_cases(script: Path, names: list[str], json_name: str, fp32_ppl: float = 20.82) -> list[dict]:
+    """Run each case in its own process, print a Markdown table, keep the results as JSON under bench/out/."""
+    ensure_fp32_cache()
+    results = []
+    for name in names:
+        results.append(run_isolated(script, name))
+        print(json.dumps(results[-1]), flush=True)
+    fp32 = next((r["ppl"] for r in results if r["case"] == "fp32" and "ppl" in r), fp32_ppl)
+    print("\n| case | perplexity | vs fp32 | quant time (s) | peak RSS (MB) | RSS after load (MB) | peak / fp32 model |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for r in results:
+        if "error" in r:
+            print(f"| {r['case']} | failed: {r['error']} | | | | | |")
+            continue
+        peak = r.get("peak_rss_quant_mb")
+        ratio = f"{peak / r['model_mb']:.2f}" if peak else "-"
+        print(f"| {r['case']} | {r['ppl']:.2f} | {100 * (r['ppl'] / fp32 - 1):+.2f}% | {r.get('quant_seconds', '-')} "
+              f"| {peak or '-'} | {r['rss_after_load_mb']} | {ratio} |")
+    OUT.mkdir(exist_ok=True)
+    (OUT / json_name).write_text(json.dumps(results, indent=1))
+    return results
+
+
+def case_main(script: Path, cases: dict, json_name: str) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--case", help=argparse.SUPPRESS)
+    parser.add_argument("--only", nargs="*", help="run only these cases")
+    args = parser.parse_args()
+    if args.case:
+        print(json.dumps(quantize_and_measure(args.case, cases[args.case])))
+        return
+    unknown = [n for n in args.only or [] if n not in cases]
+    if unknown:
+        sys.exit(f"unknown case(s) {unknown}; cases: {list(cases)}")
+    run_cases(script, args.only or list(cases), json_name)

@@ -9,6 +9,7 @@ from torch import nn
 
 from slimquant.calibration import build_samples, from_user_data
 from slimquant.config.recipe import Recipe
+from slimquant.errors import RecipeError
 from slimquant.model.loading import resolve_device
 from slimquant.plugins import plan_algorithms
 from slimquant.runtime.pipeline import LayerwiseQuantizer, QuantizationReport
@@ -23,11 +24,26 @@ def quantize(model: nn.Module, recipe: Recipe | dict, *, tokenizer=None, calib_d
     Calibration comes from `samples` (token tensors), else `calib_data` (texts or token tensors, the
     msModelSlim way), else the recipe's calibration source (which needs `tokenizer`).
     """
+    return _run(model, recipe, tokenizer, calib_data, samples, smooth_only=False)
+
+
+def smooth_only(model: nn.Module, recipe: Recipe | dict, *, tokenizer=None, calib_data=None,
+                samples: list[torch.Tensor] | None = None) -> QuantizationReport:
+    """Run only the recipe's smoothers (SmoothQuant, Shift, ...) on `model` in place, layer by layer: the model
+    stays in float and computes the same function. The recipe's scheme and `ignore` decide which Linears count."""
+    if isinstance(recipe, dict):
+        recipe = Recipe.parse(recipe)
+    if not plan_algorithms(recipe).smoothers:
+        raise RecipeError("smooth_only: the recipe names no smoothing algorithm (e.g. smoothquant, shift)")
+    return _run(model, recipe, tokenizer, calib_data, samples, smooth_only=True)
+
+
+def _run(model, recipe, tokenizer, calib_data, samples, smooth_only: bool) -> QuantizationReport:
     if isinstance(recipe, dict):
         recipe = Recipe.parse(recipe)
     algorithms = plan_algorithms(recipe)  # validates every plugin argument before any work
     device = resolve_device(recipe.model.device)
-    quantizer = LayerwiseQuantizer(model, recipe, device, algorithms)
+    quantizer = LayerwiseQuantizer(model, recipe, device, algorithms, smooth_only=smooth_only)
     if samples is None:
         if calib_data is not None:
             samples = from_user_data(calib_data, tokenizer, recipe.calibration.seqlen)

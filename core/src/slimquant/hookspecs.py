@@ -36,7 +36,8 @@ def observe(ctx, name: str, module, inputs, output) -> None:
 
 @hookspec
 def smooth(ctx, algorithm: str) -> None:
-    """Called once per decoder layer for each smoother the recipe names, in recipe order.
+    """Called once per decoder layer for each smoother the recipe names, in recipe order, each right after its
+    own observation pass (``ctx.phase == "smooth"``) over the layer as the previous smoothers left it.
 
     Rewrite norms and Linears of ``ctx.layer`` so that the layer's float output is unchanged up to float
     rounding (SmoothQuant, Shift, AWQ scaling). ``ctx.subgraphs`` lists which norm or Linear feeds which

@@ -30,11 +30,20 @@ class Subgraph:
     source: str  # full module name of the norm or Linear whose output feeds `targets`
     kind: str  # "norm", "attention" (v -> o) or "gated" (up -> down)
     targets: list[str] = field(default_factory=list)
+    # modules left in float that read the same norm output (MoE routers): a rewrite must update them too
+    extra: list[str] = field(default_factory=list)
 
 
 def is_norm(module: nn.Module) -> bool:
     name = type(module).__name__.lower()
     return "norm" in name and hasattr(module, "weight") and isinstance(module.weight, torch.Tensor)
+
+
+def _reads_channels(module: nn.Module) -> bool:
+    """A leaf module other than a norm that multiplies its input by a 2-D weight (a router, a float Linear)."""
+    w = getattr(module, "weight", None)
+    return (isinstance(w, torch.Tensor) and w.dim() == 2 and not is_norm(module)
+            and not isinstance(module, nn.Embedding) and next(module.children(), None) is None)
 
 
 def _rows_of(x: torch.Tensor, y: torch.Tensor) -> bool:
@@ -70,6 +79,7 @@ def trace_layer(layer: nn.Module, prefix: str, linears: dict[str, nn.Linear], ru
     """`run()` calls the layer once on real inputs."""
     norm_out: dict[str, torch.Tensor] = {}
     lin_in: dict[str, torch.Tensor] = {}
+    other_in: dict[str, torch.Tensor] = {}
 
     # Forward hooks must return None: a returned value would replace the module's output.
     def record_norm(full):
@@ -77,9 +87,10 @@ def trace_layer(layer: nn.Module, prefix: str, linears: dict[str, nn.Linear], ru
             norm_out.setdefault(full, output[0] if isinstance(output, tuple) else output)
         return hook
 
-    def record_linear(full):
+    def record_linear(full, into):
         def hook(module, inputs, output):
-            lin_in.setdefault(full, inputs[0])
+            if inputs and isinstance(inputs[0], torch.Tensor):
+                into.setdefault(full, inputs[0])
         return hook
 
     handles = []
@@ -88,13 +99,15 @@ def trace_layer(layer: nn.Module, prefix: str, linears: dict[str, nn.Linear], ru
         if is_norm(module):
             handles.append(module.register_forward_hook(record_norm(full)))
         elif full in linears:
-            handles.append(module.register_forward_hook(record_linear(full)))
+            handles.append(module.register_forward_hook(record_linear(full, lin_in)))
+        elif _reads_channels(module):
+            handles.append(module.register_forward_hook(record_linear(full, other_in)))
     try:
         run()
     finally:
         for h in handles:
             h.remove()
-    return LayerTrace(_norm_subgraphs(linears, norm_out, lin_in), _call_groups(linears, lin_in))
+    return LayerTrace(_norm_subgraphs(linears, norm_out, lin_in, other_in), _call_groups(linears, lin_in))
 
 
 def _call_groups(linears: dict[str, nn.Linear], lin_in: dict[str, torch.Tensor]) -> list[list[str]]:
@@ -121,19 +134,29 @@ def _call_groups(linears: dict[str, nn.Linear], lin_in: dict[str, torch.Tensor])
     return groups
 
 
-def _norm_subgraphs(linears, norm_out, lin_in) -> list[Subgraph]:
+def _source_norm(name: str, x: torch.Tensor, norm_out: dict[str, torch.Tensor]) -> str | None:
+    for norm, y in norm_out.items():
+        if _same_tensor(x, y) or (".experts." in name and _rows_of(x, y)):
+            return norm
+    return None
+
+
+def _norm_subgraphs(linears, norm_out, lin_in, other_in) -> list[Subgraph]:
     graphs: dict[str, Subgraph] = {}
     matched: dict[str, str] = {}
     for lin, x in lin_in.items():
-        for norm, y in norm_out.items():
-            if _same_tensor(x, y) or (".experts." in lin and _rows_of(x, y)):
-                matched[lin] = norm
-                break
+        norm = _source_norm(lin, x, norm_out)
+        if norm is not None:
+            matched[lin] = norm
     by_key = {_sibling_key(lin): norm for lin, norm in matched.items()}
     for lin in linears:
         norm = matched.get(lin) or by_key.get(_sibling_key(lin))
         if norm is not None:
             graphs.setdefault(norm, Subgraph(norm, "norm")).targets.append(lin)
+    for name, x in other_in.items():
+        norm = _source_norm(name, x, norm_out)
+        if norm in graphs:
+            graphs[norm].extra.append(name)
     return list(graphs.values())
 
 

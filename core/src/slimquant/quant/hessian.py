@@ -1,8 +1,14 @@
-"""The input Hessian H = 2/n * sum_t x_t x_t^T of a Linear, accumulated batch by batch (GPTQ, SparseGPT)."""
+"""The input Hessian H = 2/n * sum_t x_t x_t^T of a Linear and its damped inverse factor (GPTQ, SparseGPT)."""
 
 from __future__ import annotations
 
+import logging
+
 import torch
+
+log = logging.getLogger(__name__)
+DAMP_GROWTH = 10.0
+MAX_DAMP_TRIES = 5  # damp_percent, x10, x100, ... before falling back to the diagonal of H
 
 
 class HessianAccumulator:
@@ -21,3 +27,37 @@ class HessianAccumulator:
         self.tokens += new
         x = x * (2.0 / self.tokens) ** 0.5
         self.hessian.addmm_(x.t(), x)
+
+
+def drop_dead_inputs(hessian: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Copies of H and W where inputs that never fired (H[i, i] == 0) get H[i, i] = 1 and a zero weight column."""
+    h, w = hessian.clone(), weight.clone()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    return h, w
+
+
+def inverse_hessian_factor(hessian: torch.Tensor, damp_percent: float, name: str = "") -> torch.Tensor:
+    """Upper Cholesky factor U of (H + damp * mean(diag H) * I)^-1, so that U^T U = (H + damp I)^-1.
+
+    The damping grows tenfold while a factorization fails (a singular or badly conditioned H); if it never
+    succeeds, the diagonal of H alone is used, which never fails and reduces GPTQ to rounding to nearest.
+    """
+    diag = torch.diagonal(hessian)
+    mean = diag.mean().clamp_min(1e-12)
+    damp = damp_percent
+    for attempt in range(MAX_DAMP_TRIES):
+        damped = hessian.clone()
+        damped.diagonal().add_(damp * mean)
+        chol, info = torch.linalg.cholesky_ex(damped)
+        if info == 0:
+            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
+            if info == 0 and torch.isfinite(upper).all():
+                if attempt:
+                    log.info("%s: Hessian not positive definite; damped with %.3g x mean(diag H)", name, damp)
+                return upper
+        damp *= DAMP_GROWTH
+    log.warning("%s: Hessian stays singular up to damping %.3g x mean(diag H); using its diagonal only",
+                name, damp / DAMP_GROWTH)
+    return torch.diag((diag.clamp_min(0) + damp_percent * mean).rsqrt())

@@ -58,8 +58,9 @@ def _check_finite(tensor: torch.Tensor, what: str) -> None:
 
 class LayerwiseQuantizer:
     def __init__(self, model: nn.Module, recipe: Recipe, device: torch.device,
-                 algorithms: AlgorithmPlan | None = None):
+                 algorithms: AlgorithmPlan | None = None, smooth_only: bool = False):
         self.model = model
+        self.smooth_only = smooth_only  # run the smoothers, leave every Linear in float
         self.recipe = recipe
         self.device = device
         self.algorithms = algorithms or plan_algorithms(recipe)
@@ -159,11 +160,17 @@ class LayerwiseQuantizer:
 
         if self.algorithms.smoothers and quantized:
             ctx.phase = "smooth"
-            self._observe_pass(ctx, quantized)
-            for smoother in self.algorithms.smoothers:
+            for smoother in self.algorithms.smoothers:  # each sees the layer as the previous one left it
+                self._observe_pass(ctx, quantized)
                 self.hook.smooth(ctx=ctx, algorithm=smoother)
-            ctx.clear_state()
-            ctx._trace = None
+                ctx.clear_state()
+                ctx._trace = None
+        if self.smooth_only:
+            outs = ctx.run_layer()
+            if self.recipe.runtime.offload_layers and self.device.type != "cpu":
+                self.layers[index].to("cpu")
+            return ([with_hidden(inp, out) for inp, out in zip(inputs, outs, strict=True)],
+                    LayerReport(index, time.perf_counter() - started, 0.0, 0, len(linears)))
 
         ctx.phase = "quantize"
         k = self.recipe.runtime.error_samples  # samples on which errors against float are measured

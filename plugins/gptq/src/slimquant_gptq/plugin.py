@@ -8,10 +8,11 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from slimquant.config.scheme import Strategy
+from slimquant.errors import RecipeError
 from slimquant.hookspecs import hookimpl
 from slimquant.quant.hessian import HessianAccumulator
-from slimquant.quant.math import quantize_weight_with, weight_qparams
-from slimquant_gptq.gptq import GPTQSettings, gptq_quantize
+from slimquant.quant.math import quantize_weight_with
+from slimquant_gptq.gptq import GPTQSettings, gptq_quantize, group_qparams
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +21,7 @@ class GPTQConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: Literal["gptq"] = "gptq"
-    damp_percent: float = Field(0.01, gt=0, lt=1, description="damping, as a fraction of mean(diag H)")
+    damp_percent: float = Field(0.01, gt=0, lt=1, description="damping added to H, as a fraction of mean(diag H)")
     block_size: int = Field(128, gt=0, description="columns updated together (lazy batch updates)")
     act_order: bool = Field(False, description="quantize columns in order of decreasing H[i, i] (desc_act)")
     static_groups: bool = Field(False, description="fix group scales before the sweep (no g_idx with act_order)")
@@ -36,7 +37,7 @@ class GPTQPlugin:
         self.config = config
 
     @property
-    def true_sequential(self) -> bool:
+    def true_sequential(self) -> bool:  # read by the runtime
         return self.config.true_sequential
 
     @hookimpl
@@ -54,15 +55,16 @@ class GPTQPlugin:
         if algorithm != self.name:
             return None
         if args.strategy == Strategy.TENSOR:
-            raise ValueError(f"{name}: gptq quantizes per channel or per group, not per tensor")
+            raise RecipeError(f"{name}: gptq quantizes weights per channel or per group, not per tensor")
         group_size = args.group_size if args.strategy == Strategy.GROUP else None
-        hessian = ctx.state(self.name).pop(name, None)
-        if hessian is None or hessian.tokens == 0:
-            log.info("%s: no calibration token reached it; rounding to nearest instead", name)
-            scale, zero = weight_qparams(module.weight, args.bits, args.symmetric, group_size)
-            return quantize_weight_with(module.weight.detach(), scale, zero, args.bits, group_size)
         c = self.config
         settings = GPTQSettings(bits=args.bits, symmetric=args.symmetric, group_size=group_size,
                                 damp_percent=c.damp_percent, block_size=c.block_size, act_order=c.act_order,
                                 static_groups=c.static_groups, mse=c.mse)
+        hessian = ctx.state(self.name).pop(name, None)
+        if hessian is None or hessian.tokens == 0:  # e.g. an MoE expert the router never chose
+            log.info("%s: no calibration token reached it; rounding to nearest instead of GPTQ", name)
+            w = module.weight.detach().float()
+            scale, zero = group_qparams(w, settings, group_size)
+            return quantize_weight_with(w, scale, zero, args.bits, group_size)
         return gptq_quantize(module.weight, hessian.hessian, settings, name)
