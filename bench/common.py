@@ -59,6 +59,11 @@ def load_fp32():
 
     path = ensure_fp32_cache()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True).eval()
+    # from_pretrained maps the file: weights would stay resident as file pages after quantization frees them.
+    # Copy them into ordinary memory, as a model built or fine-tuned in this process would be.
+    with torch.no_grad():
+        for param in model.parameters():
+            param.data = param.data.clone()
     return model, AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
