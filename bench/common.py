@@ -146,7 +146,8 @@ def run_cases(script: Path, names: list[str], json_name: str, fp32_ppl: float = 
         results.append(run_isolated(script, name))
         print(json.dumps(results[-1]), flush=True)
     fp32 = next((r["ppl"] for r in results if r["case"] == "fp32" and "ppl" in r), fp32_ppl)
-    print("\n| case | perplexity | vs fp32 | quant time (s) | peak RSS (MB) | RSS after load (MB) | peak / fp32 model |")
+    print("\n| case | perplexity | vs fp32 | quant time (s) | peak RSS (MB) | RSS after load (MB) "
+          "| peak / fp32 model |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
         if "error" in r:

@@ -38,7 +38,8 @@ def describe(output: Path, console: Console, list_layers: bool = False) -> dict:
         console.print("tied tensors: " + ", ".join(f"{k} -> {v}" for k, v in files.meta["tied"].items()))
 
     if list_layers:
-        detail = Table(Column("Linear", overflow="fold"), "type", "bits", "group", "in", "out", "activations", title="Linears")
+        detail = Table(Column("Linear", overflow="fold"), "type", "bits", "group", "in", "out", "activations",
+                       title="Linears")
         for name, m in linears.items():
             act = m.get("act") or {}
             act_text = "-" if not act else ("dynamic" if act.get("dynamic") else "static") + f" {act.get('bits')}b"

@@ -22,6 +22,7 @@ from slimquant.model.structure import normalize_linears, set_submodule
 from slimquant.quant.actparams import ActQParams
 from slimquant.quant.fake_linear import FakeQuantLinear
 from slimquant.quant.qweight import QuantizedWeight, num_groups
+from slimquant.smoothing import ensure_bias
 
 __all__ = ["load_quantized"]
 
@@ -103,7 +104,20 @@ def _replace_linears(model: nn.Module, files: QuantizedFiles) -> set[str]:
     return set(files.meta["linears"])
 
 
+def _add_shift_biases(model: nn.Module, files: QuantizedFiles, quantized: set[str]) -> None:
+    """A shift smoother gives norms (and float Linears) a bias the float model lacks: create it before loading."""
+    state = model.state_dict(keep_vars=True)
+    for key in files.keys():
+        owner, _, leaf = key.rpartition(".")
+        if leaf != "bias" or key in state or owner in quantized or f"{owner}.weight" not in state:
+            continue
+        module = model.get_submodule(owner)
+        if getattr(module, "bias", None) is None:
+            ensure_bias(module)
+
+
 def _load_floats(model: nn.Module, files: QuantizedFiles, quantized: set[str], tied: dict[str, str]) -> None:
+    _add_shift_biases(model, files, quantized)
     state = model.state_dict(keep_vars=True)
     owned = {k for k in files.keys() if k.rpartition(".")[0] in quantized}
     extra = [k for k in files.keys() if k not in state and k not in owned]

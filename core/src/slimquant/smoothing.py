@@ -141,10 +141,12 @@ def _head_dim(ctx, linear_name: str) -> int:
 
 
 def units(ctx, all_linears: bool = False, skip: list[str] = ()) -> list[Unit]:
-    """The layer's rewritable subgraphs: norm -> Linears, and with `all_linears` also v -> o and up -> down."""
+    """The layer's rewritable subgraphs: norm -> Linears, and with `all_linears` also v -> o and up -> down.
+    `skip` (exact names, globs, 're:' patterns) leaves out a subgraph whose source or any target matches."""
     out = []
     for sg in ctx.subgraphs:
-        if (sg.kind != "norm" and not all_linears) or any(name_matches(p, sg.source) for p in skip):
+        if (sg.kind != "norm" and not all_linears) or any(name_matches(p, n) for p in skip
+                                                             for n in [sg.source, *sg.targets]):
             continue
         targets = {n: ctx.module(n) for n in sg.targets}
         unit = Unit(sg.source, sg.kind, ctx.module(sg.source), targets, {n: ctx.module(n) for n in sg.extra})
@@ -206,7 +208,8 @@ class _AddBias:
 _BIASED: dict[type, type] = {}
 
 
-def _ensure_bias(module: nn.Module) -> nn.Parameter:
+def ensure_bias(module: nn.Module) -> nn.Parameter:
+    """The module's bias, created as zeros where it has none (also used by the loader for shifted norms)."""
     if getattr(module, "bias", None) is not None:
         return module.bias
     ref = module.weight
@@ -234,10 +237,10 @@ def shift_unit(unit: Unit, z: torch.Tensor) -> None:
         if not isinstance(m, nn.Linear):
             raise CannotRewrite(f"{name} ({type(m).__name__}) reads it too and has no bias to absorb the shift")
     z = z.float().to(unit.module.weight.device)
-    bias = _ensure_bias(unit.module)
+    bias = ensure_bias(unit.module)
     _set(bias, bias.float() - z)
     for lin, zz in [(t, unit.expand(z)) for t in unit.targets.values()] + [(m, z) for m in unit.extra.values()]:
-        b = _ensure_bias(lin)
+        b = ensure_bias(lin)
         _set(b, b.float() + lin.weight.float() @ zz.to(lin.weight.device))
 
 
@@ -302,5 +305,5 @@ class Guard:
 
 
 def _names(unit: Unit) -> str:
-    leaves = sorted({n.rsplit(".", 1)[-1] for n in unit.targets})
-    return ",".join(leaves) + (f" (+{len(unit.targets)} experts' Linears)" if len(unit.targets) > 8 else "")
+    leaves = ",".join(sorted({n.rsplit(".", 1)[-1] for n in unit.targets}))
+    return leaves if len(unit.targets) <= 4 else f"{len(unit.targets)} Linears ({leaves})"

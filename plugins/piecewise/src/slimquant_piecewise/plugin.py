@@ -46,7 +46,7 @@ class PieceWiseConfig(BaseModel):
     sample_tokens: int = Field(512, ge=16, description="calibration tokens cached per Linear for the loss")
     sampler: Literal["max", "ema"] = "max"
     ema_decay: float = Field(0.98, gt=0.0, lt=1.0)
-    skip: list[str] = Field(default_factory=list, description="sources (norm or Linear names, globs) left alone")
+    skip: list[str] = Field(default_factory=list, description="leave alone subgraphs touching these names (globs)")
 
     @model_validator(mode="after")
     def _ranges(self) -> PieceWiseConfig:

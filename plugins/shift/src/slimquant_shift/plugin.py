@@ -31,7 +31,7 @@ class ShiftConfig(BaseModel):
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="migration strength of the optional scaling")
     sampler: Literal["max", "ema"] = Field("max", description="max: extremes over all batches; ema: moving average")
     ema_decay: float = Field(0.98, gt=0.0, lt=1.0)
-    skip: list[str] = Field(default_factory=list, description="sources (norm or Linear names, globs) left alone")
+    skip: list[str] = Field(default_factory=list, description="leave alone subgraphs touching these names (globs)")
 
 
 class ShiftPlugin:

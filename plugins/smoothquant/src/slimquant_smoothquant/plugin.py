@@ -29,7 +29,7 @@ class SmoothQuantConfig(BaseModel):
     smooth_all_linears: bool = Field(False, description="also smooth v_proj -> o_proj and up_proj -> down_proj")
     sampler: Literal["max", "ema"] = Field("max", description="max: running max over batches; ema: moving average")
     ema_decay: float = Field(0.98, gt=0.0, lt=1.0)
-    skip: list[str] = Field(default_factory=list, description="sources (norm or Linear names, globs) left alone")
+    skip: list[str] = Field(default_factory=list, description="leave alone subgraphs touching these names (globs)")
 
 
 class SmoothQuantPlugin:
