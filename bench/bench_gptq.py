@@ -72,14 +72,15 @@ def main() -> None:
     parser.add_argument("--extra", action="store_true", help="run the extra cases after the main table")
     args = parser.parse_args()
     cases = {**CASES, **EXTRA}
+    side_by_side = [n for n in common.llmcompressor_cases() if "W4A16" in n]
     if args.case:
         recipe = cases[args.case]
         count = (recipe or {}).get("calib", common.CALIB_SAMPLES)
         recipe = recipe and {k: v for k, v in recipe.items() if k != "calib"}
         print(json.dumps(common.quantize_and_measure(args.case, recipe, lambda tok: common.calib_samples(tok, count))))
         return
-    names = args.only or list(CASES) + (list(EXTRA) if args.extra else [])
-    unknown = [n for n in names if n not in cases]
+    names = args.only or list(CASES) + side_by_side + (list(EXTRA) if args.extra else [])
+    unknown = [n for n in names if n not in cases and n not in side_by_side]
     if unknown:
         parser.error(f"unknown case(s) {unknown}; cases: {list(cases)}")
     common.run_cases(Path(__file__), names, "gptq_results.json")

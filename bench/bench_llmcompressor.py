@@ -8,6 +8,8 @@ llm-compressor pins transformers <= 5.17, so it lives in its own environment nex
     python bench/bench_llmcompressor.py [--only CASE ...]
 
 Calibration is the very token windows slimquant gets (bench/common.py), 32 x 512 from wiki.valid.tokens.
+bench_gptq.py and bench_smooth.py run these cases too (through this venv's python, when it exists), so each table
+holds both tools measured in one run.
 """
 
 from __future__ import annotations
@@ -23,31 +25,61 @@ CASES = {
     "llm-compressor RTN W4A16 g64": ("rtn", 64),
     "llm-compressor GPTQ W4A16 g64": ("gptq", 64),
     "llm-compressor GPTQ W4A16 g128": ("gptq", 128),
+    "llm-compressor W8A8 static": ("w8a8", "static"),
+    "llm-compressor SmoothQuant a0.5 + W8A8 static": ("sq+w8a8", "static"),
+    "llm-compressor SmoothQuant a0.5 + GPTQ W8A8 static": ("sq+gptq", "static"),
+    "llm-compressor W8A8 dynamic": ("w8a8", "dynamic"),
+    "llm-compressor SmoothQuant a0.5 + W8A8 dynamic": ("sq+w8a8", "dynamic"),
 }
 
 
-def run_case(name: str) -> dict:
+def w4_scheme(group: int):
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    return QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
+        num_bits=4, type="int", symmetric=False, strategy="group", group_size=group))
+
+
+def w8a8_scheme(activations: str):
+    """slimquant's W8A8 presets: int8 symmetric per-channel weights; static asymmetric per-tensor or dynamic
+    symmetric per-token activations."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    weights = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="channel")
+    if activations == "static":
+        acts = QuantizationArgs(num_bits=8, type="int", symmetric=False, strategy="tensor", dynamic=False)
+    else:
+        acts = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True)
+    return QuantizationScheme(targets=["Linear"], weights=weights, input_activations=acts)
+
+
+def recipe(method: str, arg):
+    from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
+    from llmcompressor.modifiers.smoothquant import SmoothQuantModifier
+
+    scheme = w4_scheme(arg) if isinstance(arg, int) else w8a8_scheme(arg)
+    groups = {"config_groups": {"group_0": scheme}, "ignore": ["lm_head"]}
+    gptq = "gptq" in method
+    quantizer = (GPTQModifier(**groups, block_size=128, dampening_frac=0.01) if gptq
+                 else QuantizationModifier(**groups))
+    return [SmoothQuantModifier(smoothing_strength=0.5), quantizer] if method.startswith("sq+") else [quantizer]
+
+
+def run_case(name: str) -> dict:
     from datasets import Dataset
     from llmcompressor import oneshot
-    from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
 
-    method, group = CASES[name]
     model, tokenizer = common.load_fp32()
     result = {"case": name, "model_mb": round(common.model_mb(model), 1),
               "rss_after_load_mb": round(common.current_rss_mb(), 1)}
     samples = common.calib_samples(tokenizer)
     data = Dataset.from_dict({"input_ids": [s[0].tolist() for s in samples],
                               "attention_mask": [[1] * s.shape[1] for s in samples]})
-    scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
-        num_bits=4, type="int", symmetric=False, strategy="group", group_size=group))
-    if method == "gptq":
-        modifier = GPTQModifier(config_groups={"group_0": scheme}, ignore=["lm_head"], block_size=128,
-                                dampening_frac=0.01)
-    else:
-        modifier = QuantizationModifier(config_groups={"group_0": scheme}, ignore=["lm_head"])
+    common.release_free_memory()
+    common.reset_peak_rss()
+    result["rss_before_quant_mb"] = round(common.current_rss_mb(), 1)
     with common.Timer() as t:
-        oneshot(model=model, dataset=data, recipe=modifier, max_seq_length=common.CALIB_SEQLEN,
+        oneshot(model=model, dataset=data, recipe=recipe(*CASES[name]), max_seq_length=common.CALIB_SEQLEN,
                 num_calibration_samples=len(samples))
     result.update(quant_seconds=round(t.seconds, 1), peak_rss_quant_mb=round(common.peak_rss_mb(), 1))
     result["ppl"] = round(common.perplexity(model, common.eval_tokens(tokenizer)), 3)
@@ -55,7 +87,9 @@ def run_case(name: str) -> dict:
 
 
 if __name__ == "__main__":
-    if "--case" in sys.argv:
+    if "--list" in sys.argv:
+        print("\n".join(CASES))
+    elif "--case" in sys.argv:
         print(json.dumps(run_case(sys.argv[sys.argv.index("--case") + 1])))
     else:
         only = sys.argv[sys.argv.index("--only") + 1:] if "--only" in sys.argv else list(CASES)

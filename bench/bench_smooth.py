@@ -60,6 +60,6 @@ for _scheme in SCHEMES:
 
 if __name__ == "__main__":
     if "--list" in sys.argv:
-        print("\n".join(CASES))
+        print("\n".join([*CASES, *(n for n in common.llmcompressor_cases() if "W8A8" in n)]))
     else:
-        common.case_main(Path(__file__), CASES, "smooth_results.json")
+        common.case_main(Path(__file__), CASES, "smooth_results.json", side_by_side="W8A8")

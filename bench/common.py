@@ -7,9 +7,9 @@ so every run loads the same weights quickly and its peak RSS is not inflated by 
 
 from __future__ import annotations
 
+import gc
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -55,15 +55,20 @@ def ensure_fp32_cache() -> Path:
 
 
 def load_fp32():
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """The fp32 model in ordinary memory, as a model built or fine-tuned in this process would be.
+
+    from_pretrained would map the file, and its pages would count in RSS for as long as the mapping lives; here
+    each tensor is copied out of a mapping that is closed before quantization starts."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = ensure_fp32_cache()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True).eval()
-    # from_pretrained maps the file: weights would stay resident as file pages after quantization frees them.
-    # Copy them into ordinary memory, as a model built or fine-tuned in this process would be.
-    with torch.no_grad():
-        for param in model.parameters():
-            param.data = param.data.clone()
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=torch.float32).eval()
+    state = model.state_dict()
+    with torch.no_grad(), safe_open(str(path / "model.safetensors"), framework="pt") as f:
+        for key in f.keys():
+            state[key].copy_(f.get_tensor(key))
+    model.tie_weights()
     return model, AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
@@ -73,10 +78,20 @@ def eval_tokens(tokenizer) -> torch.Tensor:
 
 
 def calib_samples(tokenizer, count: int = CALIB_SAMPLES, seqlen: int = CALIB_SEQLEN, seed: int = CALIB_SEED):
-    from slimquant.calibration import random_windows
+    """The calibration windows, tokenized once and cached: tokenizing the whole file in every case would add
+    ~130 MB of tokenizer memory to the RSS measured around quantization."""
+    from safetensors.torch import load_file, save_file
 
-    text = (DATA / "wiki.valid.tokens").read_text(encoding="utf-8")
-    return random_windows(text, tokenizer, count, seqlen, seed, where="wiki.valid.tokens")
+    cache = OUT / f"calib-wiki-valid-{count}x{seqlen}-seed{seed}.safetensors"
+    if not cache.exists():
+        from slimquant.calibration import random_windows
+
+        text = (DATA / "wiki.valid.tokens").read_text(encoding="utf-8")
+        windows = random_windows(text, tokenizer, count, seqlen, seed, where="wiki.valid.tokens")
+        tmp = cache.with_suffix(".tmp")
+        save_file({"ids": torch.cat(windows)}, str(tmp))
+        tmp.rename(cache)
+    return [row[None] for row in load_file(str(cache))["ids"]]
 
 
 def perplexity(model, tokens) -> float:
@@ -85,16 +100,38 @@ def perplexity(model, tokens) -> float:
     return ppl(model, tokens, EVAL_WINDOW, EVAL_WINDOWS, progress=False)
 
 
+def release_free_memory() -> None:
+    """Hand freed heap back to the OS, so RSS before quantization is what the process really holds."""
+    import ctypes
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+def reset_peak_rss() -> None:
+    """Start peak-RSS accounting afresh (Linux: VmHWM is reset by writing 5 to clear_refs)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak RSS since the last reset_peak_rss()."""
+    return _status_mb("VmHWM")
+
+
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def current_rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+    return _status_mb("VmRSS")
 
 
 def model_mb(model) -> float:
@@ -106,9 +143,23 @@ def model_mb(model) -> float:
     return total / 2**20
 
 
-def run_isolated(script: Path, case: str, extra: list[str] = ()) -> dict:
+LLMC_PYTHON = OUT / "llmc-venv" / "bin" / "python"
+LLMC_SCRIPT = ROOT / "bench_llmcompressor.py"
+
+
+def llmcompressor_cases() -> list[str]:
+    """llm-compressor's cases, when its environment (see bench_llmcompressor.py) is installed."""
+    if not LLMC_PYTHON.exists():
+        return []
+    proc = subprocess.run([str(LLMC_PYTHON), str(LLMC_SCRIPT), "--list"], capture_output=True, text=True)
+    return proc.stdout.split("\n")[:-1] if proc.returncode == 0 else []
+
+
+def run_isolated(script: Path, case: str, extra: list[str] = (), python: str = sys.executable) -> dict:
     """Run one case in a fresh process so its peak RSS is its own; the case prints one JSON line last."""
-    proc = subprocess.run([sys.executable, str(script), "--case", case, *extra], capture_output=True, text=True)
+    if case.startswith("llm-compressor "):
+        script, python = LLMC_SCRIPT, str(LLMC_PYTHON)
+    proc = subprocess.run([python, str(script), "--case", case, *extra], capture_output=True, text=True)
     if proc.returncode != 0:
         return {"case": case, "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -131,6 +182,9 @@ def quantize_and_measure(name: str, recipe: dict | None, samples_fn=None) -> dic
     result = {"case": name, "model_mb": round(model_mb(model), 1), "rss_after_load_mb": round(current_rss_mb(), 1)}
     if recipe is not None:
         samples = (samples_fn or calib_samples)(tokenizer)
+        release_free_memory()
+        reset_peak_rss()
+        result["rss_before_quant_mb"] = round(current_rss_mb(), 1)
         with Timer() as t:
             slimquant.quantize(model, {**recipe, "runtime": {"progress": False}}, samples=samples)
         result.update(quant_seconds=round(t.seconds, 1), peak_rss_quant_mb=round(peak_rss_mb(), 1))
@@ -146,7 +200,7 @@ def run_cases(script: Path, names: list[str], json_name: str, fp32_ppl: float = 
         results.append(run_isolated(script, name))
         print(json.dumps(results[-1]), flush=True)
     fp32 = next((r["ppl"] for r in results if r["case"] == "fp32" and "ppl" in r), fp32_ppl)
-    print("\n| case | perplexity | vs fp32 | quant time (s) | peak RSS (MB) | RSS after load (MB) "
+    print("\n| case | perplexity | vs fp32 | quant time (s) | peak RSS (MB) | RSS before quant (MB) "
           "| peak / fp32 model |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
@@ -156,13 +210,14 @@ def run_cases(script: Path, names: list[str], json_name: str, fp32_ppl: float = 
         peak = r.get("peak_rss_quant_mb")
         ratio = f"{peak / r['model_mb']:.2f}" if peak else "-"
         print(f"| {r['case']} | {r['ppl']:.2f} | {100 * (r['ppl'] / fp32 - 1):+.2f}% | {r.get('quant_seconds', '-')} "
-              f"| {peak or '-'} | {r['rss_after_load_mb']} | {ratio} |")
+              f"| {peak or '-'} | {r.get('rss_before_quant_mb', '-')} | {ratio} |")
     OUT.mkdir(exist_ok=True)
     (OUT / json_name).write_text(json.dumps(results, indent=1))
     return results
 
 
-def case_main(script: Path, cases: dict, json_name: str) -> None:
+def case_main(script: Path, cases: dict, json_name: str, side_by_side: str = "") -> None:
+    """CLI of a bench script; llm-compressor's cases whose name contains `side_by_side` run after slimquant's."""
     import argparse
 
     parser = argparse.ArgumentParser()
@@ -172,7 +227,8 @@ def case_main(script: Path, cases: dict, json_name: str) -> None:
     if args.case:
         print(json.dumps(quantize_and_measure(args.case, cases[args.case])))
         return
-    unknown = [n for n in args.only or [] if n not in cases]
+    external = [n for n in llmcompressor_cases() if side_by_side and side_by_side in n]
+    unknown = [n for n in args.only or [] if n not in cases and n not in external]
     if unknown:
-        sys.exit(f"unknown case(s) {unknown}; cases: {list(cases)}")
-    run_cases(script, args.only or list(cases), json_name)
+        sys.exit(f"unknown case(s) {unknown}; cases: {list(cases) + external}")
+    run_cases(script, args.only or list(cases) + external, json_name)

@@ -5,7 +5,11 @@ A plugin is a class found through the entry-point group ``slimquant.plugins``. I
 - ``name``: the algorithm name users write in a recipe; it must equal the entry-point name;
 - ``Config``: a pydantic model of its arguments, with ``name: Literal["<name>"]``;
 - ``__init__(self, config)``: takes a validated ``Config``;
-- any of the hooks below, marked with ``@hookimpl``.
+- any of the hooks below, marked with ``@hookimpl``;
+- optionally ``observes(self, plan) -> bool``: whether its ``observe`` needs the quantize-phase pass over
+  the calibration data for a Linear with that ``LinearPlan``. A plugin with an ``observe`` hook and no
+  ``observes`` is assumed to need it; when no plugin needs it (round-to-nearest weight-only quantization),
+  the runtime skips that pass.
 
 The runtime calls every hook with keyword arguments only. Hooks that choose one plugin
 (``quantize_weight``, ``quantize_act``, ``export``) pass that plugin's name as ``algorithm`` or

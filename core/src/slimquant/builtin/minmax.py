@@ -69,6 +69,10 @@ class MinMaxPlugin:
 
     # -- activations ------------------------------------------------------------------------------------
 
+    def observes(self, plan) -> bool:
+        act = plan.scheme.activations
+        return plan.act_algorithm == self.name and act is not None and not act.dynamic
+
     @hookimpl
     def observe(self, ctx, name, module, inputs, output):
         if ctx.phase != "quantize":

@@ -20,7 +20,7 @@ from slimquant.model.structure import (
     normalize_linears,
     set_submodule,
 )
-from slimquant.plugins import AlgorithmPlan, plan_algorithms
+from slimquant.plugins import AlgorithmPlan, hooks_of, plan_algorithms
 from slimquant.quant.fake_linear import FakeQuantLinear
 from slimquant.runtime.catcher import catch_layer_inputs
 from slimquant.runtime.context import LayerContext, with_hidden
@@ -112,6 +112,14 @@ class LayerwiseQuantizer:
         fake = FakeQuantLinear(qweight, module.bias, act, compute_dtype=module.weight.dtype)
         set_submodule(ctx.layer, name[len(ctx.prefix) + 1:], fake.to(self.device))
 
+    def _needs_observation(self, plans: list[LinearPlan]) -> bool:
+        for plugin in self.algorithms.plugins.plugins.values():
+            if "observe" in hooks_of(type(plugin)):
+                observes = getattr(plugin, "observes", None)
+                if observes is None or any(observes(plan) for plan in plans):
+                    return True
+        return False
+
     def _sequential_groups(self, ctx: LayerContext) -> list[list[str]]:
         names = ctx.quantized_names()
         wants = any(getattr(p, "true_sequential", False) for p in self.algorithms.plugins.plugins.values())
@@ -178,9 +186,12 @@ class LayerwiseQuantizer:
         for i, group in enumerate(self._sequential_groups(ctx) if quantized else []):
             if i > 0:
                 ctx.clear_state()
-            outs = self._observe_pass(ctx, group)
-            float_out = float_out if float_out is not None else outs[:k]
-            del outs
+            if self._needs_observation([plans[n] for n in group]):
+                outs = self._observe_pass(ctx, group)
+                float_out = float_out if float_out is not None else outs[:k]
+                del outs
+            elif float_out is None:
+                float_out = ctx.run_layer(inputs[:k])
             for name in group:
                 self._quantize_linear(ctx, name, plans[name])
         if float_out is None:

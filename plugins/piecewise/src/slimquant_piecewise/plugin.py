@@ -77,6 +77,9 @@ class PieceWiseSearchPlugin:
     def __init__(self, config: PieceWiseConfig):
         self.config = config
 
+    def observes(self, plan) -> bool:
+        return False  # it observes in the smoothing pass only
+
     @hookimpl
     def observe(self, ctx, name, module, inputs, output):
         if ctx.phase != "smooth":

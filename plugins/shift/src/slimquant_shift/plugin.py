@@ -42,6 +42,9 @@ class ShiftPlugin:
         self.config = config
         self._told_gated = False
 
+    def observes(self, plan) -> bool:
+        return False  # it observes in the smoothing pass only
+
     @hookimpl
     def observe(self, ctx, name, module, inputs, output):
         smoothing.record_range(ctx, self.name, name, inputs, self.config.sampler, self.config.ema_decay)

@@ -39,6 +39,9 @@ class SmoothQuantPlugin:
     def __init__(self, config: SmoothQuantConfig):
         self.config = config
 
+    def observes(self, plan) -> bool:
+        return False  # it observes in the smoothing pass only
+
     @hookimpl
     def observe(self, ctx, name, module, inputs, output):
         smoothing.record_range(ctx, self.name, name, inputs, self.config.sampler, self.config.ema_decay)

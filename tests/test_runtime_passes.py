@@ -1,0 +1,35 @@
+"""How many times the runtime runs each decoder layer over the calibration data: round-to-nearest weight-only
+quantization needs no observation pass; calibrated activations and GPTQ do."""
+
+import pytest
+from tiny_models import tiny_model, token_samples
+
+import slimquant
+
+SAMPLES = 6
+ERROR_SAMPLES = 2
+
+
+def layer_calls(recipe: dict) -> int:
+    model = tiny_model("llama")
+    layer = model.model.layers[1]  # layer 0 also sees the catcher's call
+    calls = []
+    layer.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0] if args else 1))
+    full = {**recipe, "model": {"device": "cpu"}, "runtime": {"progress": False, "error_samples": ERROR_SAMPLES}}
+    slimquant.quantize(model, full, samples=token_samples(SAMPLES, 8))
+    return len(calls)
+
+
+def test_round_to_nearest_weight_only_skips_the_observation_pass():
+    # float output on the error samples, then the quantized layer on every sample
+    assert layer_calls({"scheme": "W8A16"}) == ERROR_SAMPLES + SAMPLES
+
+
+def test_static_activations_are_observed_first():
+    assert layer_calls({"scheme": "W8A8"}) == SAMPLES + SAMPLES
+
+
+def test_gptq_observes_each_sequential_group():
+    pytest.importorskip("slimquant_gptq")
+    # one traced call finds the groups (qkv, o, gate/up, down); each is re-observed; then the quantized pass
+    assert layer_calls({"scheme": "W4A16", "algorithms": ["gptq"]}) == 1 + 4 * SAMPLES + SAMPLES
