@@ -79,7 +79,7 @@ class LayerwiseQuantizer:
 
     # -- passes ------------------------------------------------------------------------------------------
 
-    def _observe_pass(self, ctx: LayerContext, targets: list[str]) -> list[torch.Tensor]:
+    def _observe_pass(self, ctx: LayerContext, targets: list[str], keep: int | None = None) -> list[torch.Tensor]:
         handles = []
         for name in targets:
             def hook(module, inputs, output, name=name):
@@ -89,7 +89,7 @@ class LayerwiseQuantizer:
                 self.hook.observe(ctx=ctx, name=name, module=module, inputs=x, output=output)
             handles.append(ctx.module(name).register_forward_hook(hook))
         try:
-            return ctx.run_layer()
+            return ctx.run_layer(keep=keep)
         finally:
             for h in handles:
                 h.remove()
@@ -169,7 +169,7 @@ class LayerwiseQuantizer:
         if self.algorithms.smoothers and quantized:
             ctx.phase = "smooth"
             for smoother in self.algorithms.smoothers:  # each sees the layer as the previous one left it
-                self._observe_pass(ctx, quantized)
+                self._observe_pass(ctx, quantized, keep=0)
                 self.hook.smooth(ctx=ctx, algorithm=smoother)
                 ctx.clear_state()
                 ctx._trace = None
@@ -187,9 +187,8 @@ class LayerwiseQuantizer:
             if i > 0:
                 ctx.clear_state()
             if self._needs_observation([plans[n] for n in group]):
-                outs = self._observe_pass(ctx, group)
-                float_out = float_out if float_out is not None else outs[:k]
-                del outs
+                outs = self._observe_pass(ctx, group, keep=k)
+                float_out = float_out if float_out is not None else outs
             elif float_out is None:
                 float_out = ctx.run_layer(inputs[:k])
             for name in group:
@@ -200,13 +199,16 @@ class LayerwiseQuantizer:
         fakes = {name: ctx.module(name) for name in quantized}
         with measure_linear_errors(fakes, ctx.linears, into=linear_errors):
             quant_out = ctx.run_layer(inputs[:k])
-        quant_out += ctx.run_layer(inputs[k:])
-        num = sum(float((q - f).float().pow(2).sum()) for q, f in zip(quant_out[:k], float_out, strict=True))
+        num = sum(float((q - f).float().pow(2).sum()) for q, f in zip(quant_out, float_out, strict=True))
         den = sum(float(f.float().pow(2).sum()) for f in float_out) or 1.0
-        if self.check_finite:
-            for q in quant_out:
-                _check_finite(q, f"output of decoder layer {prefix} after quantization")
-        next_inputs = [with_hidden(inp, out) for inp, out in zip(inputs, quant_out, strict=True)]
+        del float_out
+        next_inputs = inputs  # filled in place, so only one set of hidden states is alive at a time
+        for i, inp in enumerate(inputs):
+            out = quant_out[i] if i < k else ctx.run_layer([inp])[0]
+            if self.check_finite:
+                _check_finite(out, f"output of decoder layer {prefix} after quantization")
+            next_inputs[i] = with_hidden(inp, out)
+        del quant_out
         ctx.clear_state()
         if self.recipe.runtime.offload_layers and self.device.type != "cpu":
             self.layers[index].to("cpu")
