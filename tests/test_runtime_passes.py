@@ -10,9 +10,9 @@ SAMPLES = 6
 ERROR_SAMPLES = 2
 
 
-def layer_calls(recipe: dict) -> int:
+def layer_calls(recipe: dict, module: str = "") -> int:
     model = tiny_model("llama")
-    layer = model.model.layers[1]  # layer 0 also sees the catcher's call
+    layer = model.model.layers[1].get_submodule(module)  # layer 0 also sees the catcher's call
     calls = []
     layer.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0] if args else 1))
     full = {**recipe, "model": {"device": "cpu"}, "runtime": {"progress": False, "error_samples": ERROR_SAMPLES}}
@@ -33,3 +33,10 @@ def test_gptq_observes_each_sequential_group():
     pytest.importorskip("slimquant_gptq")
     # one traced call finds the groups (qkv, o, gate/up, down); each is re-observed; then the quantized pass
     assert layer_calls({"scheme": "W4A16", "algorithms": ["gptq"]}) == 1 + 4 * SAMPLES + SAMPLES
+
+
+def test_observation_stops_once_the_group_has_seen_its_inputs():
+    pytest.importorskip("slimquant_gptq")
+    # the MLP runs for: the trace, the error samples of the first (q/k/v) pass, the gate/up pass (which stops
+    # before down_proj), the down pass and the quantized pass; the q/k/v and o passes stop before it
+    assert layer_calls({"scheme": "W4A16", "algorithms": ["gptq"]}, "mlp") == 1 + ERROR_SAMPLES + 3 * SAMPLES

@@ -50,6 +50,10 @@ class QuantizationReport:
         return {n: ("FLOAT" if p is None else p.scheme.type_name) for n, p in self.plans.items()}
 
 
+class _AllObserved(Exception):
+    """Stops a layer's forward once every Linear of an observation pass has seen its input."""
+
+
 def _check_finite(tensor: torch.Tensor, what: str) -> None:
     if not torch.isfinite(tensor).all():
         bad = (~torch.isfinite(tensor)).sum().item()
@@ -80,16 +84,38 @@ class LayerwiseQuantizer:
     # -- passes ------------------------------------------------------------------------------------------
 
     def _observe_pass(self, ctx: LayerContext, targets: list[str], keep: int | None = None) -> list[torch.Tensor]:
-        handles = []
-        for name in targets:
-            def hook(module, inputs, output, name=name):
+        """Run the calibration inputs through the layer with `observe` on each target Linear; return the outputs of
+        the first `keep` inputs (all when None). On the other inputs the layer stops as soon as every target has
+        seen its input: observing q/k/v needs neither attention nor the MLP."""
+        pending: set[str] = set()
+
+        def make_hook(name):
+            def hook(module, inputs, output):
                 x = inputs[0]
                 if self.check_finite:
                     _check_finite(x, f"input activation of {name}")
                 self.hook.observe(ctx=ctx, name=name, module=module, inputs=x, output=output)
-            handles.append(ctx.module(name).register_forward_hook(hook))
+                if pending:
+                    pending.discard(name)
+                    if not pending:
+                        raise _AllObserved
+            return hook
+
+        handles = [ctx.module(name).register_forward_hook(make_hook(name)) for name in targets]
+        outs = []
         try:
-            return ctx.run_layer(keep=keep)
+            for i, inp in enumerate(ctx.inputs):
+                finish = keep is None or i < keep
+                pending.clear()
+                if not finish:
+                    pending.update(targets)
+                try:
+                    out = ctx.run_layer([inp])[0]
+                except _AllObserved:
+                    continue
+                if finish:
+                    outs.append(out)
+            return outs
         finally:
             for h in handles:
                 h.remove()
@@ -187,7 +213,7 @@ class LayerwiseQuantizer:
             if i > 0:
                 ctx.clear_state()
             if self._needs_observation([plans[n] for n in group]):
-                outs = self._observe_pass(ctx, group, keep=k)
+                outs = self._observe_pass(ctx, group, keep=k if float_out is None else 0)
                 float_out = float_out if float_out is not None else outs
             elif float_out is None:
                 float_out = ctx.run_layer(inputs[:k])
