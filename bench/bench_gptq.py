@@ -28,7 +28,7 @@ def rtn(weights: dict) -> dict:
 
 
 def gptq(weights: dict, **args) -> dict:
-    return {"weights": weights, "algorithms": [{"name": "gptq", **args}]}
+    return {"weights": weights, "algorithms": [{"name": "gptq", "act_order": False, **args}]}
 
 
 G64, G128 = w(4, 64), w(4, 128)

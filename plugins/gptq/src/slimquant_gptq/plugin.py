@@ -23,7 +23,7 @@ class GPTQConfig(BaseModel):
     name: Literal["gptq"] = "gptq"
     damp_percent: float = Field(0.01, gt=0, lt=1, description="damping added to H, as a fraction of mean(diag H)")
     block_size: int = Field(128, gt=0, description="columns updated together (lazy batch updates)")
-    act_order: bool = Field(False, description="quantize columns in order of decreasing H[i, i] (desc_act)")
+    act_order: bool = Field(True, description="quantize columns in order of decreasing H[i, i] (desc_act)")
     static_groups: bool = Field(False, description="fix group scales before the sweep (no g_idx with act_order)")
     true_sequential: bool = Field(True, description="q/k/v, then o, then gate/up, then down, re-observing")
     mse: bool = Field(False, description="grid-search each group's clipping range instead of min-max")
