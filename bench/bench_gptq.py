@@ -58,6 +58,7 @@ EXTRA: dict[str, dict] = {  # what else was tried to reach the targets
     "W4A16 g128 GPTQ act_order 128x512": {**gptq(G128, act_order=True), "calib": 128},
     "W4A16 g64 GPTQ mse": gptq(G64, mse=True),
     "W4A16 g64 GPTQ act_order mse": gptq(G64, act_order=True, mse=True),
+    "W4A16 g64 GPTQ act_order true_sequential off": gptq(G64, act_order=True, true_sequential=False),
     "W4A16 g64 GPTQ act_order static_groups": gptq(G64, act_order=True, static_groups=True),
     "W4A16 g64 GPTQ damp 0.1": gptq(G64, damp_percent=0.1),
     "W4A16 g64 GPTQ act_order 128x512": {**gptq(G64, act_order=True), "calib": 128},

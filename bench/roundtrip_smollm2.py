@@ -37,13 +37,16 @@ def logits(model, ids) -> torch.Tensor:
 
 
 def numpy_matches(directory: Path) -> bool:
-    """Every array of the .npz files equals the tensor of the same name in the safetensors output."""
+    """Every array of the .npz files equals its tensor in the safetensors output (quant_weight.npz and
+    <suffix>.npz are keyed by Linear name, float_weights.npz by full tensor name)."""
     files = QuantizedFiles(directory)
     for npz in directory.glob("*.npz"):
+        suffix = {"quant_weight": "weight", "float_weights": ""}.get(npz.stem, npz.stem)
         with np.load(npz, allow_pickle=False) as arrays:
             for key in arrays.files:
-                if not np.array_equal(arrays[key], files.get(key).float().numpy()
-                                      if files.get(key).dtype == torch.bfloat16 else files.get(key).numpy()):
+                tensor = files.get(f"{key}.{suffix}" if suffix else key)
+                tensor = tensor.float() if tensor.dtype == torch.bfloat16 else tensor
+                if not np.array_equal(arrays[key], tensor.numpy()):
                     return False
     return True
 
