@@ -212,7 +212,10 @@ def run_cases(script: Path, names: list[str], json_name: str, fp32_ppl: float = 
         print(f"| {r['case']} | {r['ppl']:.2f} | {100 * (r['ppl'] / fp32 - 1):+.2f}% | {r.get('quant_seconds', '-')} "
               f"| {peak or '-'} | {r.get('rss_before_quant_mb', '-')} | {ratio} |")
     OUT.mkdir(exist_ok=True)
-    (OUT / json_name).write_text(json.dumps(results, indent=1))
+    path = OUT / json_name  # earlier results of other cases are kept; a case run again replaces its old result
+    earlier = [r for r in (json.loads(path.read_text()) if path.exists() else [])
+               if r["case"] not in {n["case"] for n in results}]
+    path.write_text(json.dumps(earlier + results, indent=1))
     return results
 
 

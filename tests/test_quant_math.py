@@ -107,3 +107,39 @@ def test_histogram_search_finds_the_mse_clip_of_a_heavy_tail():
     assert float(mm.max) == float(x.max())
     lo8, hi8 = hist.search_range(8, symmetric=True)
     assert hi < hi8 <= float(x.abs().max()) + 1e-6  # more bits, less clipping
+
+
+@pytest.mark.parametrize("in_features,group_size,permuted,symmetric",
+                         [(256, 64, False, False), (576, 128, False, False), (576, 128, True, False),
+                          (96, None, False, True), (100, 32, True, True)])
+def test_dequantize_matches_the_per_column_definition(in_features, group_size, permuted, symmetric):
+    torch.manual_seed(0)
+    out = 8
+    groups = num_groups(in_features, group_size)
+    g_idx = (torch.arange(in_features) // (group_size or in_features)).to(torch.int32)
+    if permuted:
+        g_idx = g_idx[torch.randperm(in_features)]
+    codes = torch.randint(-8, 8, (out, in_features), dtype=torch.int8)
+    scale = torch.rand(out, groups) + 0.1
+    zero = None if symmetric else torch.randint(-3, 3, (out, groups)).float()
+    q = QuantizedWeight(codes, scale, zero, 4, group_size, g_idx if permuted else None)
+    expected = torch.stack([(codes[:, c].float() - (0 if zero is None else zero[:, g_idx[c]])) * scale[:, g_idx[c]]
+                            for c in range(in_features)], 1)
+    assert torch.equal(q.dequantize(), expected)
+
+
+def test_materialized_weights_compute_the_same_and_are_dropped_after():
+    from slimquant.quant.fake_linear import FakeQuantLinear, materialized_weights
+
+    torch.manual_seed(0)
+    codes = torch.randint(-8, 8, (16, 64), dtype=torch.int8)
+    fake = FakeQuantLinear(QuantizedWeight(codes, torch.rand(16, 2) + 0.1, None, 4, 32), None, None)
+    layer = torch.nn.Sequential(fake)
+    x = torch.randn(3, 64)
+    plain = layer(x)
+    with materialized_weights(layer):
+        assert fake.materialized is not None
+        assert torch.equal(layer(x), plain)
+    assert fake.materialized is None
+    assert "materialized" not in dict(fake.named_buffers())
+    assert torch.equal(layer(x), plain)

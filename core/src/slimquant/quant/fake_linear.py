@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from slimquant.quant.actparams import ActQParams
 from slimquant.quant.math import dynamic_token_fake_quant, fake_quantize
-from slimquant.quant.qweight import QuantizedWeight
+from slimquant.quant.qweight import QuantizedWeight, dequantize_codes
 
 
 class FakeQuantLinear(nn.Module):
-    """Drop-in for nn.Linear. The weight is rebuilt from its codes on every call, so memory holds int8 codes."""
+    """Drop-in for nn.Linear. The weight is rebuilt from its codes on every call, so memory holds int8 codes
+    (inside `materialized_weights` it is rebuilt once instead)."""
 
     def __init__(self, qweight: QuantizedWeight, bias: torch.Tensor | None, act: ActQParams | None,
                  compute_dtype: torch.dtype = torch.float32):
@@ -29,6 +33,7 @@ class FakeQuantLinear(nn.Module):
             self.register_buffer(f"extra_{name}", tensor)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.act = act
+        self.materialized: torch.Tensor | None = None
         if act is not None and not act.dynamic:
             self.register_buffer("input_scale", act.scale)
             self.register_buffer("input_zero", act.zero)
@@ -47,7 +52,10 @@ class FakeQuantLinear(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        return self.qweight.dequantize(self.compute_dtype)
+        if self.materialized is not None:
+            return self.materialized
+        return dequantize_codes(self.codes, self.weight_scale, self.weight_zero, self.group_size, self.g_idx,
+                                self.compute_dtype)
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         act = self.act
@@ -67,3 +75,17 @@ class FakeQuantLinear(nn.Module):
         act = "none" if self.act is None else f"{self.act.bits}-bit {'dynamic' if self.act.dynamic else 'static'}"
         group = self.group_size or "channel"
         return f"in={self.in_features}, out={self.out_features}, w_bits={self.bits}, group={group}, act={act}"
+
+
+@contextmanager
+def materialized_weights(module: nn.Module) -> Iterator[None]:
+    """Inside the block every FakeQuantLinear under `module` computes with a weight dequantized once on entry:
+    for running many calibration samples through one layer, at the cost of that layer's float weights."""
+    fakes = [m for m in module.modules() if isinstance(m, FakeQuantLinear)]
+    try:
+        for fake in fakes:
+            fake.materialized = fake.weight
+        yield
+    finally:
+        for fake in fakes:
+            fake.materialized = None

@@ -27,6 +27,24 @@ def num_groups(in_features: int, group_size: int | None) -> int:
     return -(-in_features // size)
 
 
+def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group_size: int | None,
+                     g_idx: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """`(code - zero) * scale` per group, without checking the codes (FakeQuantLinear calls it on every forward)."""
+    rows, cols = codes.shape
+    w = codes.to(scale.dtype)
+    groups = scale.shape[1]
+    if groups == 1 or (g_idx is None and groups * group_size == cols):  # one or equal contiguous groups: a view
+        grouped = w.view(rows, groups, cols // groups)
+        if zero is not None:
+            grouped.sub_(zero.unsqueeze(-1))
+        grouped.mul_(scale.unsqueeze(-1))
+        return w.to(dtype)
+    idx = g_idx.long() if g_idx is not None else contiguous_g_idx(cols, group_size, codes.device).long()
+    if zero is not None:
+        w.sub_(zero[:, idx])
+    return w.mul_(scale[:, idx]).to(dtype)
+
+
 @dataclass
 class QuantizedWeight:
     codes: torch.Tensor  # int8 [out, in]
@@ -64,16 +82,7 @@ class QuantizedWeight:
         return contiguous_g_idx(self.codes.shape[1], self.group_size, self.codes.device).long()
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        if self.scale.shape[1] == 1:
-            scale, zero = self.scale, self.zero
-        else:
-            idx = self.group_index()
-            scale = self.scale[:, idx]
-            zero = None if self.zero is None else self.zero[:, idx]
-        w = self.codes.to(scale.dtype)
-        if zero is not None:
-            w = w - zero
-        return (w * scale).to(dtype)
+        return dequantize_codes(self.codes, self.scale, self.zero, self.group_size, self.g_idx, dtype)
 
     def to(self, device) -> QuantizedWeight:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731

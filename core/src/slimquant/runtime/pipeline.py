@@ -21,7 +21,7 @@ from slimquant.model.structure import (
     set_submodule,
 )
 from slimquant.plugins import AlgorithmPlan, hooks_of, plan_algorithms
-from slimquant.quant.fake_linear import FakeQuantLinear
+from slimquant.quant.fake_linear import FakeQuantLinear, materialized_weights
 from slimquant.runtime.catcher import catch_layer_inputs
 from slimquant.runtime.context import LayerContext, with_hidden
 from slimquant.runtime.linear_error import measure_linear_errors
@@ -55,8 +55,10 @@ class _AllObserved(Exception):
 
 
 def _check_finite(tensor: torch.Tensor, what: str) -> None:
-    if not torch.isfinite(tensor).all():
-        bad = (~torch.isfinite(tensor)).sum().item()
+    if torch.isfinite(torch.sum(tensor, dtype=torch.float32)):  # one NaN/Inf anywhere makes the sum non-finite
+        return
+    bad = (~torch.isfinite(tensor)).sum().item()  # or the sum overflowed: count for certain
+    if bad:
         raise NonFiniteError(f"{what} holds {bad} NaN/Inf value(s)")
 
 
@@ -104,17 +106,18 @@ class LayerwiseQuantizer:
         handles = [ctx.module(name).register_forward_hook(make_hook(name)) for name in targets]
         outs = []
         try:
-            for i, inp in enumerate(ctx.inputs):
-                finish = keep is None or i < keep
-                pending.clear()
-                if not finish:
-                    pending.update(targets)
-                try:
-                    out = ctx.run_layer([inp])[0]
-                except _AllObserved:
-                    continue
-                if finish:
-                    outs.append(out)
+            with materialized_weights(ctx.layer):
+                for i, inp in enumerate(ctx.inputs):
+                    finish = keep is None or i < keep
+                    pending.clear()
+                    if not finish:
+                        pending.update(targets)
+                    try:
+                        out = ctx.run_layer([inp])[0]
+                    except _AllObserved:
+                        continue
+                    if finish:
+                        outs.append(out)
             return outs
         finally:
             for h in handles:
@@ -223,18 +226,19 @@ class LayerwiseQuantizer:
             float_out = ctx.run_layer(inputs[:k])
 
         fakes = {name: ctx.module(name) for name in quantized}
-        with measure_linear_errors(fakes, ctx.linears, into=linear_errors):
-            quant_out = ctx.run_layer(inputs[:k])
-        num = sum(float((q - f).float().pow(2).sum()) for q, f in zip(quant_out, float_out, strict=True))
-        den = sum(float(f.float().pow(2).sum()) for f in float_out) or 1.0
-        del float_out
-        next_inputs = inputs  # filled in place, so only one set of hidden states is alive at a time
-        for i, inp in enumerate(inputs):
-            out = quant_out[i] if i < k else ctx.run_layer([inp])[0]
-            if self.check_finite:
-                _check_finite(out, f"output of decoder layer {prefix} after quantization")
-            next_inputs[i] = with_hidden(inp, out)
-        del quant_out
+        with materialized_weights(layer):
+            with measure_linear_errors(fakes, ctx.linears, into=linear_errors):
+                quant_out = ctx.run_layer(inputs[:k])
+            num = sum(float((q - f).float().pow(2).sum()) for q, f in zip(quant_out, float_out, strict=True))
+            den = sum(float(f.float().pow(2).sum()) for f in float_out) or 1.0
+            del float_out
+            next_inputs = inputs  # filled in place, so only one set of hidden states is alive at a time
+            for i, inp in enumerate(inputs):
+                out = quant_out[i] if i < k else ctx.run_layer([inp])[0]
+                if self.check_finite:
+                    _check_finite(out, f"output of decoder layer {prefix} after quantization")
+                next_inputs[i] = with_hidden(inp, out)
+            del quant_out
         ctx.clear_state()
         if self.recipe.runtime.offload_layers and self.device.type != "cpu":
             self.layers[index].to("cpu")
