@@ -50,12 +50,12 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp_percent: float, name: str
     for attempt in range(MAX_DAMP_TRIES):
         damped = hessian.clone()
         damped.diagonal().add_(damp * mean)
-        chol, info = torch.linalg.cholesky_ex(damped)
+        # With J the order reversal and L L^T = J H J, U = J L^-1 J: one factorization and one triangular inverse
+        lower, info = torch.linalg.cholesky_ex(damped.flip(0, 1))
         if info == 0:
-            # cholesky_solve against I, not cholesky_inverse: same result, 30-60x faster on CPU builds of torch 2.13
-            inverse = torch.cholesky_solve(torch.eye(len(chol), dtype=chol.dtype, device=chol.device), chol)
-            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
-            if info == 0 and torch.isfinite(upper).all():
+            eye = torch.eye(len(lower), dtype=lower.dtype, device=lower.device)
+            upper = torch.linalg.solve_triangular(lower, eye, upper=False).flip(0, 1)
+            if torch.isfinite(upper).all():
                 if attempt:
                     log.info("%s: Hessian not positive definite; damped with %.3g x mean(diag H)", name, damp)
                 return upper

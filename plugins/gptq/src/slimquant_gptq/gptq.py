@@ -46,10 +46,11 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, s: GPTQSettings, 
     size = s.group_size or cols
     dynamic = s.group_size is not None and not s.static_groups
     if dynamic:  # filled in during the sweep, group by group
-        scale = w.new_empty(rows, num_groups(cols, size))
-        zero = None if s.symmetric else w.new_empty(rows, scale.shape[1])
+        scale_t = w.new_empty(num_groups(cols, size), rows)
+        zero_t = None if s.symmetric else w.new_empty(scale_t.shape)
     else:
         scale, zero = group_qparams(w, s, s.group_size)
+        scale_t, zero_t = scale.t().contiguous(), None if zero is None else zero.t().contiguous()
 
     perm = torch.argsort(torch.diagonal(h), descending=True, stable=True) if s.act_order else None
     if perm is not None:
@@ -59,29 +60,34 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, s: GPTQSettings, 
     group_of = (positions // size if dynamic or perm is None else perm // size).tolist()
 
     u = inverse_hessian_factor(h, s.damp_percent, name)
-    codes = torch.empty_like(w)
+    # The sweep runs on W transposed: a column of W is a contiguous row here, which CPUs update far faster.
+    wt = w.t().contiguous()
+    codes_t = torch.empty_like(wt)
     for b1 in range(0, cols, s.block_size):
         b2 = min(b1 + s.block_size, cols)
-        block, u_block = w[:, b1:b2].clone(), u[b1:b2, b1:b2]
+        block, u_block = wt[b1:b2].clone(), u[b1:b2, b1:b2]
         errors = torch.zeros_like(block)
         for i in range(b2 - b1):
             col, g = b1 + i, group_of[b1 + i]
             if dynamic and col % size == 0:  # a group starts: its range as the sweep has updated it so far
                 end = min(col + size, cols)
-                ahead = w[:, b2:end] - errors[:, :i] @ u[b1:b1 + i, b2:end]  # lazy updates owed so far
-                sc, z = group_qparams(torch.cat([block[:, i:i + size], ahead], 1), s, None)
-                scale[:, g:g + 1] = sc
-                if zero is not None:
-                    zero[:, g:g + 1] = z
-            sc, z = scale[:, g:g + 1], None if zero is None else zero[:, g:g + 1]
-            x = block[:, i:i + 1]
+                ahead = wt[b2:end] - u[b1:b1 + i, b2:end].t() @ errors[:i]  # lazy updates owed so far
+                sc, z = group_qparams(torch.cat([block[i:i + size], ahead]).t(), s, None)
+                scale_t[g] = sc[:, 0]
+                if zero_t is not None:
+                    zero_t[g] = z[:, 0]
+            sc, z = scale_t[g], None if zero_t is None else zero_t[g]
+            x = block[i]
             q = quantize(x, sc, z, s.bits)
-            codes[:, col:col + 1] = q
+            codes_t[col] = q
             err = (x - dequantize(q, sc, z)) / u_block[i, i]
-            block[:, i + 1:] -= err @ u_block[i:i + 1, i + 1:]
-            errors[:, i:i + 1] = err
-        w[:, b2:] -= errors @ u[b1:b2, b2:]
+            block[i + 1:].addr_(u_block[i, i + 1:], err, alpha=-1)
+            errors[i] = err
+        wt[b2:] -= u[b1:b2, b2:].t() @ errors
 
+    codes = codes_t.t()
+    scale = scale_t.t().contiguous()
+    zero = None if zero_t is None else zero_t.t().contiguous()
     g_idx = None
     if perm is not None:
         inverse = torch.argsort(perm)
@@ -90,5 +96,5 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, s: GPTQSettings, 
             g_idx = (positions // size)[inverse].to(torch.int32)
             if torch.equal(g_idx, contiguous_g_idx(cols, size, w.device)):
                 g_idx = None
-    return QuantizedWeight(codes=codes.to(torch.int8), scale=scale.float(), zero=zero, bits=s.bits,
+    return QuantizedWeight(codes=codes.to(torch.int8).contiguous(), scale=scale.float(), zero=zero, bits=s.bits,
                            group_size=s.group_size, g_idx=g_idx)
