@@ -143,3 +143,18 @@ def test_materialized_weights_compute_the_same_and_are_dropped_after():
     assert fake.materialized is None
     assert "materialized" not in dict(fake.named_buffers())
     assert torch.equal(layer(x), plain)
+
+
+def test_token_sample_keeps_a_bounded_uniform_sample_of_the_stream():
+    from slimquant.quant.observers import TokenSample
+
+    sample = TokenSample(capacity=1000, seed=0)
+    for batch in range(40):  # 40 x 500 rows; each row's single feature is the index of its batch
+        sample.update(torch.full((1, 500, 1), float(batch)))
+    rows = sample.rows
+    assert rows.shape == (1000, 1) and sample.seen == 20000
+    early = float((rows < 20).float().mean())  # the first half of the stream should fill about half the sample
+    assert 0.42 < early < 0.58
+    small = TokenSample(capacity=1000)
+    small.update(torch.arange(30.0).reshape(10, 3))
+    assert torch.equal(small.rows, torch.arange(30.0).reshape(10, 3))

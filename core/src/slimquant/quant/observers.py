@@ -107,17 +107,29 @@ class Histogram:
 
 
 class TokenSample:
-    """A bounded random sample of input rows, for judging candidate ranges by the Linear's output error."""
+    """A uniform random sample (a reservoir) of at most `capacity` input rows, for judging candidate ranges by the
+    Linear's output error. Its buffer is allocated once, however many rows stream past."""
 
     def __init__(self, capacity: int = 2048, seed: int = 0):
         self.capacity = capacity
-        self.rows: torch.Tensor | None = None
+        self.seen = 0
+        self._buffer: torch.Tensor | None = None
         self.generator = torch.Generator().manual_seed(seed)
+
+    @property
+    def rows(self) -> torch.Tensor | None:
+        return None if self._buffer is None else self._buffer[: min(self.seen, self.capacity)]
 
     def update(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1])
-        rows = x if self.rows is None else torch.cat([self.rows, x])
-        if rows.shape[0] > self.capacity:
-            keep = torch.randperm(rows.shape[0], generator=self.generator)[: self.capacity]
-            rows = rows[keep.to(rows.device)]
-        self.rows = rows
+        if self._buffer is None:
+            self._buffer = x.new_empty(self.capacity, x.shape[-1])
+        free = max(0, min(self.capacity - self.seen, x.shape[0]))
+        self._buffer[self.seen:self.seen + free] = x[:free]
+        rest = x[free:]
+        if rest.shape[0]:  # the t-th row seen (from 0) takes a random slot with probability capacity / (t + 1)
+            t = torch.arange(self.seen + free, self.seen + x.shape[0], dtype=torch.float64)
+            slots = (torch.rand(rest.shape[0], generator=self.generator, dtype=torch.float64) * (t + 1)).long()
+            taken = slots < self.capacity
+            self._buffer[slots[taken].to(x.device)] = rest[taken.to(x.device)]
+        self.seen += x.shape[0]
