@@ -28,7 +28,7 @@ def rtn(weights: dict) -> dict:
 
 
 def gptq(weights: dict, **args) -> dict:
-    return {"weights": weights, "algorithms": [{"name": "gptq", "act_order": False, **args}]}
+    return {"weights": weights, "algorithms": [{"name": "gptq", "act_order": False, "mse": False, **args}]}
 
 
 G64, G128 = w(4, 64), w(4, 128)
@@ -61,6 +61,8 @@ EXTRA: dict[str, dict] = {  # what else was tried to reach the targets
     "W4A16 g64 GPTQ act_order true_sequential off": gptq(G64, act_order=True, true_sequential=False),
     "W4A16 g64 GPTQ act_order static_groups": gptq(G64, act_order=True, static_groups=True),
     "W4A16 g64 GPTQ act_order true_sequential off mse": gptq(G64, act_order=True, true_sequential=False, mse=True),
+    "W4A16 g128 GPTQ act_order true_sequential off mse": gptq(G128, act_order=True, true_sequential=False,
+                                                              mse=True),
     "W4A16 g64 GPTQ act_order true_sequential off static_groups": gptq(G64, act_order=True, true_sequential=False,
                                                                        static_groups=True),
     "W4A16 g64 GPTQ damp 0.1": gptq(G64, damp_percent=0.1),

@@ -26,7 +26,7 @@ class GPTQConfig(BaseModel):
     act_order: bool = Field(True, description="quantize columns in order of decreasing H[i, i] (desc_act)")
     static_groups: bool = Field(False, description="fix group scales before the sweep (no g_idx with act_order)")
     true_sequential: bool = Field(True, description="q/k/v, then o, then gate/up, then down, re-observing")
-    mse: bool = Field(False, description="grid-search each group's clipping range instead of min-max")
+    mse: bool = Field(True, description="grid-search each group's clipping range instead of min-max")
 
 
 class GPTQPlugin:
