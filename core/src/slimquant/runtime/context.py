@@ -58,14 +58,11 @@ class LayerContext:
         return [n for n, p in self.plans.items() if p is not None]
 
     @torch.no_grad()
-    def run_layer(self, inputs: Iterable[LayerInput] | None = None, keep: int | None = None) -> list[torch.Tensor]:
-        """Run the layer (as it is now) on calibration inputs; returns its hidden-state outputs (the first `keep`
-        of them when given: an observation pass needs the outputs of the error samples only)."""
+    def run_layer(self, inputs: Iterable[LayerInput] | None = None) -> list[torch.Tensor]:
+        """Run the layer (as it is now) on calibration inputs; returns its hidden-state outputs."""
         outs = []
-        for i, (args, kwargs) in enumerate(self.inputs if inputs is None else inputs):
-            out = hidden_of(self.layer(*args, **kwargs))
-            if keep is None or i < keep:
-                outs.append(out)
+        for args, kwargs in (self.inputs if inputs is None else inputs):
+            outs.append(hidden_of(self.layer(*args, **kwargs)))
         return outs
 
     @property
