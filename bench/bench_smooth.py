@@ -21,6 +21,7 @@ import common  # noqa: E402
 
 SCHEMES = {
     "W8A8 static am1": {"scheme": "W8A8", "minmax": {"name": "minmax", "act_method": 1}},
+    "W8A8 static am2": {"scheme": "W8A8", "minmax": {"name": "minmax", "act_method": 2}},
     "W8A8 static am3": {"scheme": "W8A8", "minmax": {"name": "minmax", "act_method": 3}},
     "W8A8 dynamic": {"scheme": "W8A8_DYNAMIC", "minmax": {"name": "minmax"}},
 }

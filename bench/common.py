@@ -199,6 +199,7 @@ def run_cases(script: Path, names: list[str], json_name: str, fp32_ppl: float = 
     for name in names:
         results.append(run_isolated(script, name))
         print(json.dumps(results[-1]), flush=True)
+        _merge_results(OUT / json_name, results)  # a run cut short keeps what it measured
     fp32 = next((r["ppl"] for r in results if r["case"] == "fp32" and "ppl" in r), fp32_ppl)
     print("\n| case | perplexity | vs fp32 | quant time (s) | peak RSS (MB) | RSS before quant (MB) "
           "| peak / fp32 model |")
@@ -211,12 +212,17 @@ def run_cases(script: Path, names: list[str], json_name: str, fp32_ppl: float = 
         ratio = f"{peak / r['model_mb']:.2f}" if peak else "-"
         print(f"| {r['case']} | {r['ppl']:.2f} | {100 * (r['ppl'] / fp32 - 1):+.2f}% | {r.get('quant_seconds', '-')} "
               f"| {peak or '-'} | {r.get('rss_before_quant_mb', '-')} | {ratio} |")
-    OUT.mkdir(exist_ok=True)
-    path = OUT / json_name  # earlier results of other cases are kept; a case run again replaces its old result
+    return results
+
+
+def _merge_results(path: Path, results: list[dict]) -> None:
+    """Earlier results of other cases are kept; a case run again replaces its old result."""
+    path.parent.mkdir(exist_ok=True)
     earlier = [r for r in (json.loads(path.read_text()) if path.exists() else [])
                if r["case"] not in {n["case"] for n in results}]
-    path.write_text(json.dumps(earlier + results, indent=1))
-    return results
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(earlier + results, indent=1))
+    tmp.replace(path)
 
 
 def case_main(script: Path, cases: dict, json_name: str, side_by_side: str = "") -> None:
