@@ -1,5 +1,6 @@
 """Outlier-suppression benchmark (issue 5): SmoothQuant, Shift (OS+), Shift+SmoothQuant and PaddleSlim's piecewise
-search before W8A8 quantization of SmolLM2-135M; WikiText-2 test perplexity (protocol: bench/common.py).
+search before W8A8 quantization of SmolLM2-135M; WikiText-2 test perplexity (protocol: bench/common.py). Static
+activations per tensor with act_method 1 (min-max), 2 (histogram search) or 3 (per-Linear choice); dynamic per token.
 
     python bench/bench_smooth.py                    # the main table (every case of CASES)
     python bench/bench_smooth.py --only "W8A8 static am3 | none" ...
@@ -47,6 +48,8 @@ GPTQ = importlib.util.find_spec("slimquant_gptq") is not None
 
 def recipe(scheme: str, smoothers: list[dict], gptq: bool = False) -> dict:
     spec = SCHEMES[scheme]
+    if spec["scheme"] == "W8A8_DYNAMIC":  # the piecewise search simulates per-token activations too
+        smoothers = [{**s, "act_quant_method": "abs_max_token"} if s["name"] == "piecewise" else s for s in smoothers]
     algorithms = smoothers + [spec["minmax"]] + ([{"name": "gptq"}] if gptq else [])
     return {"scheme": spec["scheme"], "algorithms": algorithms}
 

@@ -16,7 +16,7 @@ from slimquant.quant.fake_linear import FakeQuantLinear
 
 EQUIV_ARCHS = ["llama", "qwen2", "mistral", "gemma", "opt", "phi", "gpt2", "mixtral"]
 SMOOTHERS = {
-    "smoothquant": [{"name": "smoothquant"}],
+    "smoothquant": [{"name": "smoothquant", "smooth_all_linears": False}],
     "smoothquant_all": [{"name": "smoothquant", "alpha": 0.8, "smooth_all_linears": True, "sampler": "ema"}],
     "shift": [{"name": "shift", "shift_all_linears": True, "scale": True}],
     "shift+smoothquant": [{"name": "shift", "shift_all_linears": True},

@@ -42,7 +42,7 @@ class PieceWiseConfig(BaseModel):
     act_quant_method: Literal["abs_max", "abs_max_token"] = Field(
         "abs_max", description="abs_max: one static scale per tensor; abs_max_token: dynamic per token")
     loss_function: Literal["mse"] = "mse"
-    smooth_all_linears: bool = Field(False, description="also v_proj -> o_proj and up_proj -> down_proj")
+    smooth_all_linears: bool = Field(True, description="also v_proj -> o_proj and up_proj -> down_proj")
     sample_tokens: int = Field(512, ge=16, description="calibration tokens cached per Linear for the loss")
     sampler: Literal["max", "ema"] = "max"
     ema_decay: float = Field(0.98, gt=0.0, lt=1.0)
