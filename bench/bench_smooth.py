@@ -39,6 +39,7 @@ SMOOTHERS: dict[str, list[dict]] = {
     "smoothquant a0.5 norms only": sq(0.5, all_linears=False),
     **{f"smoothquant a{a}": sq(a) for a in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)},
     "shift": SHIFT,
+    "shift norms only": [{"name": "shift"}],
     "shift+smoothquant a0.5": SHIFT + sq(0.5),
     "piecewise k3": PIECEWISE,
     "shift+piecewise k3": SHIFT + PIECEWISE,
