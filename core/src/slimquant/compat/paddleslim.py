@@ -25,6 +25,7 @@ from slimquant.errors import CalibrationError, RecipeError
 from slimquant.model.structure import find_decoder_layers, float_module_names, layer_linears, normalize_linears
 from slimquant.plugins import plan_algorithms
 from slimquant.runtime.context import LayerContext
+from slimquant.runtime.layer_inputs import NotReplayable, stateless_input
 from slimquant.runtime.plan import plan_linears
 
 log = logging.getLogger(__name__)
@@ -110,11 +111,10 @@ class _HookedSmoothing:
     def _keep_inputs(ctx):
         def hook(module, args, kwargs):
             if not ctx.inputs:
-                kwargs = {**kwargs, "use_cache": False}
-                for key in ("past_key_value", "past_key_values"):
-                    if key in kwargs:
-                        kwargs[key] = None
-                ctx.inputs.append((tuple(a.detach() if torch.is_tensor(a) else a for a in args), kwargs))
+                try:
+                    ctx.inputs.append(stateless_input(args, kwargs))
+                except NotReplayable as exc:  # a generation step: keep the next full forward instead
+                    log.debug("%s: not keeping a layer call to replay: %s", ctx.prefix, exc)
         return hook
 
     def _observe(self, ctx, name):

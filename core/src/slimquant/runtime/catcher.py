@@ -7,6 +7,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from slimquant.runtime.context import LayerInput
+from slimquant.runtime.layer_inputs import stateless_input
 
 
 class _Caught(Exception):
@@ -26,7 +27,7 @@ class _Catcher(nn.Module):
             return getattr(self.wrapped, name)
 
     def forward(self, *args, **kwargs):
-        self.store.append((args, dict(kwargs)))
+        self.store.append(stateless_input(args, kwargs))
         raise _Caught
 
 

@@ -1,0 +1,50 @@
+"""Decoder-layer inputs kept for replay: only what a stateless forward of the same sample needs.
+
+A layer's call carries state that belongs to that one call: a KV cache (its kwarg has been `layer_past`,
+`past_key_value`, `past_key_values` and, since transformers 5.24, `cache`), a cache position, a mask built for
+the cache's length. Replaying such a call would append to the cache again and attend over keys of another
+length. `stateless_input` drops every cache object whatever its name, turns caching off, and refuses a call
+that attended over earlier tokens (a generation step), whose mask cannot be replayed on its own.
+"""
+
+from __future__ import annotations
+
+import torch
+
+CACHE_KWARGS = ("cache", "past_key_value", "past_key_values", "layer_past")
+
+
+class NotReplayable(Exception):
+    """The layer call attended over cached tokens: its inputs cannot be replayed statelessly."""
+
+
+def _is_cache(value) -> bool:
+    try:
+        from transformers.cache_utils import Cache
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return False
+    return isinstance(value, Cache)
+
+
+def _hidden_length(args: tuple, kwargs: dict) -> int | None:
+    hidden = args[0] if args else kwargs.get("hidden_states")
+    return hidden.shape[-2] if torch.is_tensor(hidden) and hidden.dim() >= 2 else None
+
+
+def stateless_input(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """A detached copy of one decoder-layer call's (args, kwargs) that can be replayed any number of times."""
+    length = _hidden_length(args, kwargs)
+    mask = kwargs.get("attention_mask")
+    if torch.is_tensor(mask) and mask.dim() == 4 and length is not None and mask.shape[-1] != length:
+        raise NotReplayable(f"the attention mask covers {mask.shape[-1]} key positions for {length} new tokens")
+    position = kwargs.get("cache_position")
+    if torch.is_tensor(position) and position.numel() and int(position.reshape(-1)[0]) != 0:
+        raise NotReplayable(f"the call continues a cached sequence at position {int(position.reshape(-1)[0])}")
+    clean = {}
+    for key, value in kwargs.items():
+        if key in CACHE_KWARGS or _is_cache(value):
+            continue
+        clean[key] = value.detach() if torch.is_tensor(value) else value
+    if "use_cache" in clean:
+        clean["use_cache"] = False
+    return tuple(a.detach() if torch.is_tensor(a) else a for a in args), clean

@@ -1,0 +1,72 @@
+"""Decoder-layer inputs kept from a user's forward calls replay statelessly (no cache, no foreign mask)."""
+
+import pytest
+import torch
+from tiny_models import ARCHS, tiny_model, token_samples
+from transformers.cache_utils import DynamicCache
+
+from slimquant.model.structure import find_decoder_layers
+from slimquant.runtime.layer_inputs import NotReplayable, stateless_input
+
+
+def _first_layer_calls(model, run):
+    calls = []
+    _, layers = find_decoder_layers(model)
+    handle = layers[0].register_forward_pre_hook(lambda m, a, k: calls.append((a, dict(k))), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        handle.remove()
+    return layers[0], calls
+
+
+@pytest.mark.parametrize("key", ["cache", "past_key_values", "past_key_value", "some_new_name"])
+def test_every_cache_object_is_dropped_whatever_its_name(key):
+    hidden = torch.randn(1, 5, 8)
+    args, kwargs = stateless_input((hidden,), {key: DynamicCache(), "use_cache": True, "position_ids": None})
+    assert key not in kwargs and kwargs["use_cache"] is False
+    assert args[0] is not hidden or not hidden.requires_grad
+
+
+def test_a_mask_over_cached_keys_or_a_later_position_is_refused():
+    hidden = torch.randn(1, 1, 8)
+    with pytest.raises(NotReplayable, match="key positions"):
+        stateless_input((hidden,), {"attention_mask": torch.zeros(1, 1, 1, 9)})
+    with pytest.raises(NotReplayable, match="position 8"):
+        stateless_input((hidden,), {"cache_position": torch.tensor([8])})
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_inputs_of_a_cached_forward_replay_like_a_fresh_one(arch):
+    """The user's forward runs with the model's default use_cache; replaying the kept input twice, and after a
+    second call of another length, gives the output of the original call."""
+    model = tiny_model(arch)
+    long, short = token_samples(1, 32, seed=1)[0], token_samples(1, 16, seed=2)[0]
+    layer, calls = _first_layer_calls(model, lambda: (model(long, use_cache=True), model(short, use_cache=True)))
+    kept = stateless_input(*calls[0])
+    with torch.no_grad():
+        first = layer(*kept[0], **kept[1])
+        again = layer(*kept[0], **kept[1])
+    first = first[0] if isinstance(first, tuple) else first
+    again = again[0] if isinstance(again, tuple) else again
+    assert first.shape[-2] == 32
+    assert torch.equal(first, again)
+
+
+def test_paddleslim_smooth_keeps_a_full_forward_not_a_generation_step():
+    pytest.importorskip("slimquant_smoothquant")
+    from slimquant.compat.paddleslim import Smooth
+
+    model = tiny_model("llama")
+    ids = token_samples(1, 12, seed=3)[0]
+    with torch.no_grad():
+        reference = model(ids).logits
+    smooth = Smooth(model, alpha=0.5)
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+        smooth.step += 1
+    smooth.update_weight()
+    with torch.no_grad():
+        after = model(ids).logits
+    assert (after - reference).norm() / reference.norm() < 1e-4
