@@ -47,4 +47,5 @@ def stateless_input(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         clean[key] = value.detach() if torch.is_tensor(value) else value
     if "use_cache" in clean:
         clean["use_cache"] = False
-    return tuple(a.detach() if torch.is_tensor(a) else a for a in args), clean
+    args = tuple(None if _is_cache(a) else a.detach() if torch.is_tensor(a) else a for a in args)  # GPT-2: positional
+    return args, clean
