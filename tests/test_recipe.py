@@ -47,8 +47,10 @@ def test_mistakes_name_the_field(data, field):
 
 
 def test_per_channel_spellings_of_group_size():
-    assert WeightArgs(bits=4, group_size=-1).strategy == Strategy.CHANNEL
-    assert WeightArgs(bits=4, group_size=0).group_size is None
+    assert WeightArgs(bits=4, group_size=None).strategy == Strategy.CHANNEL
+    for bad in (0, -1, -5):  # non-positive is an error, not a spelling of per-channel
+        with pytest.raises(ValueError, match="group_size must be a positive integer"):
+            WeightArgs(bits=4, group_size=bad)
 
 
 def test_yaml_and_json_files_load_the_same_recipe(tmp_path):

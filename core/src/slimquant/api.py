@@ -9,7 +9,8 @@ from torch import nn
 
 from slimquant.calibration import build_samples, from_user_data
 from slimquant.config.recipe import Recipe
-from slimquant.errors import RecipeError
+from slimquant.errors import CalibrationError, RecipeError
+from slimquant.model.checks import check_causal_lm
 from slimquant.model.loading import resolve_device
 from slimquant.plugins import plan_algorithms
 from slimquant.runtime.pipeline import LayerwiseQuantizer, QuantizationReport
@@ -31,16 +32,24 @@ def smooth_only(model: nn.Module, recipe: Recipe | dict, *, tokenizer=None, cali
                 samples: list[torch.Tensor] | None = None) -> QuantizationReport:
     """Run only the recipe's smoothers (SmoothQuant, Shift, ...) on `model` in place, layer by layer: the model
     stays in float and computes the same function. The recipe's scheme and `ignore` decide which Linears count."""
-    if isinstance(recipe, dict):
-        recipe = Recipe.parse(recipe)
+    recipe = _recipe(recipe)
     if not plan_algorithms(recipe).smoothers:
         raise RecipeError("smooth_only: the recipe names no smoothing algorithm (e.g. smoothquant, shift)")
     return _run(model, recipe, tokenizer, calib_data, samples, smooth_only=True)
 
 
-def _run(model, recipe, tokenizer, calib_data, samples, smooth_only: bool) -> QuantizationReport:
+def _recipe(recipe) -> Recipe:
+    if isinstance(recipe, Recipe):
+        return recipe
     if isinstance(recipe, dict):
-        recipe = Recipe.parse(recipe)
+        return Recipe.parse(recipe)
+    raise RecipeError(f"recipe must be a slimquant Recipe or a mapping such as {{'scheme': 'W8A16'}}, "
+                      f"got {type(recipe).__name__}")
+
+
+def _run(model, recipe, tokenizer, calib_data, samples, smooth_only: bool) -> QuantizationReport:
+    recipe = _recipe(recipe)
+    check_causal_lm(model)
     algorithms = plan_algorithms(recipe)  # validates every plugin argument before any work
     device = resolve_device(recipe.model.device)
     quantizer = LayerwiseQuantizer(model, recipe, device, algorithms, smooth_only=smooth_only)
@@ -49,7 +58,8 @@ def _run(model, recipe, tokenizer, calib_data, samples, smooth_only: bool) -> Qu
             samples = from_user_data(calib_data, tokenizer, recipe.calibration.seqlen)
         else:
             if tokenizer is None:
-                raise ValueError("give calibration `samples`/`calib_data`, or a tokenizer for the recipe's source")
+                raise CalibrationError("give calibration `samples` or `calib_data`, or a tokenizer for the recipe's "
+                                       "source")
             samples = build_samples(recipe.calibration, tokenizer, model)
     else:
         samples = from_user_data(samples, tokenizer)

@@ -50,8 +50,10 @@ def from_user_data(data, tokenizer, seqlen: int | None = None) -> list[Sample]:
         if not torch.is_tensor(item) or item.dtype not in (torch.int64, torch.int32):
             raise CalibrationError(f"calibration sample {i}: expected text or a tensor of token ids, "
                                    f"got {type(item).__name__}")
+        if item.numel() == 0:
+            raise CalibrationError(f"calibration sample {i} has no tokens")
         item = item.long().reshape(-1, item.shape[-1])
-        samples.extend(row[None, :seqlen] for row in item if row.numel())
+        samples.extend(row[None, :seqlen] for row in item)
     if not samples:
         raise CalibrationError("calibration data holds no tokens")
     return samples
@@ -71,15 +73,15 @@ def from_texts(texts, tokenizer, seqlen: int | None, limit: int | None) -> list[
     return samples
 
 
-def read_text(path: str) -> str:
+def read_text(path: str, what: str = "calibration file") -> str:
     try:
         text = Path(path).read_text(encoding="utf-8").replace("\r\n", "\n")
     except OSError as exc:
-        raise CalibrationError(f"cannot read calibration file {path}: {exc.strerror}") from exc
+        raise CalibrationError(f"cannot read {what} {path}: {exc.strerror}") from exc
     except UnicodeDecodeError as exc:
-        raise CalibrationError(f"calibration file {path} is not UTF-8 text: {exc}") from exc
+        raise CalibrationError(f"{what} {path} is not UTF-8 text: {exc}") from exc
     if not text.strip():
-        raise CalibrationError(f"calibration file {path} is empty")
+        raise CalibrationError(f"{what} {path} is empty")
     return text
 
 

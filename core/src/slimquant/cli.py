@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -18,6 +19,23 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Post-training quantization of Hugging Face causal LMs, built from plugins.")
 console = Console(stderr=True)
 BAD_INPUT, FAILURE = 2, 1
+
+
+INTERRUPTED = 130
+
+
+def _interrupted() -> None:
+    console.print("interrupted: nothing was written (an output directory appears whole or not at all)")
+    raise typer.Exit(INTERRUPTED)
+
+
+def _terminate(signum, frame) -> None:
+    """SIGTERM unwinds like Ctrl-C, so that temporary output is removed on the way out."""
+    raise KeyboardInterrupt
+
+
+def install_signal_handlers() -> None:
+    signal.signal(signal.SIGTERM, _terminate)
 
 
 def _fail(exc: BaseException) -> None:
@@ -88,6 +106,8 @@ def quantize_command(
         run_quantize_job(job, console)
     except typer.Exit:
         raise
+    except KeyboardInterrupt:
+        _interrupted()
     except Exception as exc:  # noqa: BLE001 - every failure becomes a one-line message and an exit code
         _fail(exc)
 
@@ -105,6 +125,8 @@ def eval_command(
     kl_samples: Annotated[int, typer.Option(help="self-generated samples for KL / top-1 (0 = skip)")] = 4,
     layer_errors: Annotated[bool, typer.Option(help="per-Linear error table (LayerWiseQuantError)")] = False,
     report: Annotated[Optional[Path], typer.Option(help="write the results as JSON here")] = None,
+    verify: Annotated[bool, typer.Option("--verify/--no-verify",
+                                         help="check every weight file against its recorded sha256")] = True,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Measure a model: perplexity, and for a saved output KL / top-1 against float and per-Linear errors."""
@@ -117,10 +139,12 @@ def eval_command(
             raise FileNotFoundError(f"no saved output at {output}")
         job = EvalJob(output=output, model=ModelSpec(path=model), text=text, dataset=dataset,
                       dataset_config=dataset_config, split=split, window=window, windows=windows,
-                      kl_samples=kl_samples, layer_errors=layer_errors, report=report)
+                      kl_samples=kl_samples, layer_errors=layer_errors, report=report, verify=verify)
         run_eval_job(job, console)
     except typer.Exit:
         raise
+    except KeyboardInterrupt:
+        _interrupted()
     except Exception as exc:  # noqa: BLE001
         _fail(exc)
 
@@ -140,8 +164,9 @@ def inspect_command(
 
 
 def main() -> None:
+    install_signal_handlers()
     try:
         app()
-    except KeyboardInterrupt:
-        console.print("interrupted: nothing was written")
-        sys.exit(130)
+    except KeyboardInterrupt:  # outside a command (while typer parses arguments)
+        console.print("interrupted")
+        sys.exit(INTERRUPTED)

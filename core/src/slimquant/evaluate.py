@@ -12,10 +12,13 @@ from rich.table import Table
 
 from slimquant.calibration import generate_samples, load_dataset_text, read_text
 from slimquant.config.recipe import CalibrationSpec, ModelSpec
+from slimquant.errors import RecipeError
 from slimquant.eval.divergence import divergence, logits_of
 from slimquant.eval.layer_errors import errors_table, linear_errors, save_errors
 from slimquant.eval.perplexity import perplexity
-from slimquant.model.loading import load_model, load_tokenizer
+from slimquant.model.checks import check_sequence_length
+from slimquant.model.loading import check_tokenizer_files, load_config, load_model, load_tokenizer
+from slimquant.workflow import check_report_path
 
 EVAL_SEED = 1_000_003
 
@@ -34,11 +37,26 @@ class EvalJob:
     kl_seqlen: int = 128
     layer_errors: bool = False
     report: Path | None = None
+    verify: bool = True  # check every weight file against the sha256 the description records
+
+    def check(self) -> None:
+        """The job's own arguments, checked before the model is loaded."""
+        if self.window < 2:
+            raise RecipeError(f"--window must be at least 2 tokens (one to predict from, one to score), "
+                              f"got {self.window}")
+        if self.windows < 1:
+            raise RecipeError(f"--windows must be at least 1, got {self.windows}")
+        if self.kl_samples < 0:
+            raise RecipeError(f"--kl-samples must be >= 0, got {self.kl_samples}")
+        if self.text is not None:
+            read_text(str(self.text), what="evaluation text file")
+        if self.report is not None:
+            check_report_path(self.report, "--report")
 
 
 def _eval_ids(job: EvalJob, tokenizer):
     if job.text:
-        text = read_text(str(job.text))
+        text = read_text(str(job.text), what="evaluation text file")
     elif job.dataset:
         text = load_dataset_text(CalibrationSpec(source="dataset", dataset=job.dataset,
                                                  dataset_config=job.dataset_config, split=job.split))
@@ -48,15 +66,20 @@ def _eval_ids(job: EvalJob, tokenizer):
 
 
 def run_eval_job(job: EvalJob, console: Console) -> dict:
+    job.check()
+    check_tokenizer_files(job.model)
+    config = load_config(job.model)
+    if job.text is not None or job.dataset is not None:
+        check_sequence_length(config, job.window, "--window")
     with console.status("loading model"):
-        float_model = load_model(job.model)
+        float_model = load_model(job.model, config)
         tokenizer = load_tokenizer(job.model)
     quantized = None
     if job.output is not None:
         from slimquant.loader import load_quantized
 
         with console.status(f"loading quantized output {job.output}"):
-            quantized = load_quantized(copy.deepcopy(float_model), job.output)
+            quantized = load_quantized(copy.deepcopy(float_model), job.output, verify=job.verify)
     results: dict = {}
     ids = _eval_ids(job, tokenizer)
     if ids is not None:

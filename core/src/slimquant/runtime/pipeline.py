@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from slimquant.config.recipe import Recipe
 from slimquant.errors import NonFiniteError, PluginError
+from slimquant.model.checks import check_samples
 from slimquant.model.structure import (
     find_decoder_layers,
     float_module_names,
@@ -25,7 +26,7 @@ from slimquant.quant.fake_linear import FakeQuantLinear, materialized_weights
 from slimquant.runtime.catcher import catch_layer_inputs
 from slimquant.runtime.context import LayerContext, with_hidden
 from slimquant.runtime.linear_error import measure_linear_errors
-from slimquant.runtime.plan import LinearPlan, plan_linears
+from slimquant.runtime.plan import LinearPlan, check_group_sizes, plan_linears
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +78,12 @@ class LayerwiseQuantizer:
         for i, layer in enumerate(self.layers):
             linears.update(layer_linears(layer, f"{self.prefix}.{i}"))
         self.plans = plan_linears(recipe, self.algorithms, list(linears), float_module_names(model))
+        check_group_sizes(recipe, self.plans, linears)
         self.check_finite = recipe.runtime.check_finite
-        if self.check_finite:
-            for name, linear in linears.items():
-                if self.plans[name] is not None:
-                    _check_finite(linear.weight, f"{name}.weight")
+        if self.check_finite:  # every tensor that will be saved, not only those calibration reaches
+            for name, tensor in model.state_dict().items():
+                if tensor.is_floating_point():
+                    _check_finite(tensor, name)
 
     # -- passes ------------------------------------------------------------------------------------------
 
@@ -161,6 +163,7 @@ class LayerwiseQuantizer:
 
     @torch.no_grad()
     def run(self, samples: list[torch.Tensor]) -> QuantizationReport:
+        check_samples(samples, self.model)
         report = QuantizationReport(plans=dict(self.plans))
         start = time.perf_counter()
         inputs = self._catch(samples)

@@ -69,3 +69,16 @@ def plan_linears(recipe: Recipe, algorithms: AlgorithmPlan, linear_names: list[s
                 algorithm = override.algorithm or algorithm
         plans[name] = LinearPlan(scheme, algorithm, algorithms.act_algorithm)
     return plans
+
+
+def check_group_sizes(recipe: Recipe, plans: dict[str, LinearPlan | None], linears: dict) -> None:
+    """A group size the user wrote that is wider than a Linear's input is a mistake (a typo, or a scheme meant for
+    another model). A preset's group (W4A16: 128) on a narrower Linear is one shorter group, i.e. per channel."""
+    explicit = [w for w in [recipe.weights, *(o.weights for o in recipe.overrides)] if w is not None]
+    for name, plan in plans.items():
+        if plan is None or plan.scheme.weights not in explicit:
+            continue
+        group, in_features = plan.scheme.weights.group_size, linears[name].in_features
+        if group and group > in_features:
+            raise RecipeError(f"weights.group_size={group} is larger than {name}'s {in_features} input channels; "
+                              f"use at most {in_features}, per-channel, or leave this Linear out with `ignore`")
