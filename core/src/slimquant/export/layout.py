@@ -21,6 +21,10 @@ Per quantized Linear `<name>` (a FakeQuantLinear):
 
 Every other state-dict tensor (embeddings, norms, lm_head, float Linears) keeps its name and dtype, type FLOAT.
 A tensor sharing storage with an earlier one (tied lm_head) is stored once and listed under "tied".
+
+The description's `slimquant` section (`slimquant.export.description`) also records the architecture
+(config.model_type, config.architectures) and `float_tensors`, the state-dict keys of the float model the
+output is for, so that a loader can refuse a model of another architecture whose shapes happen to agree.
 """
 
 from __future__ import annotations
@@ -32,11 +36,11 @@ import torch
 from torch import nn
 
 from slimquant.errors import OutputError
+from slimquant.export.description import FORMAT_VERSION, parse_output_meta
 from slimquant.export.packing import MAX_PACKED_BITS, PACK_INT4, pack_int4
 from slimquant.quant.fake_linear import FakeQuantLinear
 from slimquant.quant.qweight import contiguous_g_idx
 
-FORMAT_VERSION = 1
 INT32 = (-(2**31), 2**31 - 1)
 
 
@@ -48,6 +52,9 @@ class Layout:
     linears: dict[str, dict] = field(default_factory=dict)
     tied: dict[str, str] = field(default_factory=dict)
     model_quant_type: str = "FLOAT"
+    model_type: str | None = None
+    architectures: list[str] | None = None
+    float_tensors: list[str] = field(default_factory=list)
 
     def add(self, key: str, tensor: torch.Tensor, kind: str, owner: str | None = None) -> None:
         if key in self.tensors:
@@ -68,7 +75,7 @@ def linear_type(module: FakeQuantLinear) -> str:
     return f"W{module.bits}A{act.bits}{'_DYNAMIC' if act.dynamic else ''}"
 
 
-def _int_kernel_params(w_scale: torch.Tensor, w_zero: torch.Tensor | None, act) -> tuple[torch.Tensor, float] | None:
+def int_kernel_params(w_scale: torch.Tensor, w_zero: torch.Tensor | None, act) -> tuple[torch.Tensor, float] | None:
     """deq_scale and the input offset, when an int8 x int8 kernel can run this Linear (else None)."""
     if act.scale.numel() != 1 or w_scale.shape[1] != 1 or w_zero is not None:
         return None
@@ -77,8 +84,8 @@ def _int_kernel_params(w_scale: torch.Tensor, w_zero: torch.Tensor | None, act) 
     return deq, offset
 
 
-def _quant_bias(name: str, codes: torch.Tensor, bias: torch.Tensor | None, deq: torch.Tensor,
-                offset: float) -> torch.Tensor:
+def quant_bias(name: str, codes: torch.Tensor, bias: torch.Tensor | None, deq: torch.Tensor,
+               offset: float) -> torch.Tensor:
     correction = codes.to(torch.int64).sum(dim=1) * int(round(offset))
     folded = torch.zeros_like(correction) if bias is None else torch.round(bias.double() / deq.double()).to(torch.int64)
     qb = folded - correction
@@ -114,12 +121,12 @@ def _add_linear(layout: Layout, name: str, module: FakeQuantLinear, kind: str, p
             own("input_scale", act.scale.float().reshape(-1))
             zero = torch.zeros_like(act.scale) if act.zero is None else act.zero
             own("input_offset", zero.float().reshape(-1))
-            params = _int_kernel_params(qw.scale, qw.zero, act)
+            params = int_kernel_params(qw.scale, qw.zero, act)
             if params is not None:
                 deq, offset = params
                 own("deq_scale", deq)
-                own("quant_bias", _quant_bias(name, qw.codes.cpu(), None if module.bias is None
-                                              else module.bias.detach().cpu(), deq.cpu(), offset))
+                own("quant_bias", quant_bias(name, qw.codes.cpu(), None if module.bias is None
+                                             else module.bias.detach().cpu(), deq.cpu(), offset))
                 int_kernel = True
     layout.linears[name] = {
         "type": kind, "bits": qw.bits, "symmetric": qw.symmetric, "group_size": qw.group_size or 0,
@@ -127,6 +134,22 @@ def _add_linear(layout: Layout, name: str, module: FakeQuantLinear, kind: str, p
         "pack": PACK_INT4 if packed else None, "g_idx": g_idx is not None, "extras": list(qw.extras),
         "bias": module.bias is not None, "act": act_meta, "int_kernel": int_kernel,
     }
+
+
+def float_tensor_names(model: nn.Module) -> list[str]:
+    """The state-dict keys `model` has in float: a quantized Linear counts as `<name>.weight` (and its bias)."""
+    fakes = {n for n, m in model.named_modules() if isinstance(m, FakeQuantLinear)}
+    names = []
+    for key in model.state_dict(keep_vars=True):
+        owner, _, leaf = key.rpartition(".")
+        names.append(f"{owner}.weight" if owner in fakes and leaf != "bias" else key)
+    return list(dict.fromkeys(names))
+
+
+def _architecture(model: nn.Module) -> tuple[str | None, list[str] | None]:
+    config = getattr(model, "config", None)
+    architectures = getattr(config, "architectures", None)
+    return getattr(config, "model_type", None), list(architectures) if architectures else None
 
 
 def _storage_key(t: torch.Tensor):
@@ -147,7 +170,8 @@ def build_layout(model: nn.Module, linear_types: dict[str, str] | None = None, p
                               "(was the model quantized with this report?)")
         if kinds[name] != kind:
             raise OutputError(f"{name}: linear_types says {kind}, the quantized Linear is {kinds[name]}")
-    layout = Layout()
+    model_type, architectures = _architecture(model)
+    layout = Layout(model_type=model_type, architectures=architectures, float_tensors=float_tensor_names(model))
     counts = Counter(kinds.values())
     if counts:
         layout.model_quant_type = counts.most_common(1)[0][0]
@@ -178,7 +202,9 @@ def description(layout: Layout, files: dict[str, str]) -> dict:
         desc["group_size"] = group_sizes.pop()
     if len(bits) == 1:
         desc["weight_bits"] = bits.pop()
-    desc["slimquant"] = {"format": FORMAT_VERSION, "linears": layout.linears, "tied": layout.tied,
-                         "files": dict(sorted(files.items()))}
+    desc["slimquant"] = {"format": FORMAT_VERSION, "model_type": layout.model_type,
+                         "architectures": layout.architectures, "float_tensors": layout.float_tensors,
+                         "linears": layout.linears, "tied": layout.tied, "files": dict(sorted(files.items()))}
+    parse_output_meta(desc["slimquant"], "the description being written")  # never write what a reader refuses
     desc.update(layout.types)
     return desc

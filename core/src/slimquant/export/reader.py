@@ -1,14 +1,19 @@
 """Open a saved msModelSlim-layout directory: find the description, check every weight file, read tensors.
 
-Every problem becomes an OutputError naming the file or tensor: a missing or unparsable description, a
-missing shard, a file whose sha256 differs from the one recorded at save time (corrupt or truncated), a
-file safetensors cannot open, or a tensor the description names but no file holds.
+Every problem becomes an OutputError naming the file or tensor: a missing or unparsable description, slimquant
+metadata that fails its schema (`slimquant.export.description`), a weight-file name that is not a plain file
+name inside the directory (refused before anything is opened), a missing shard, a weight file without a
+recorded sha256 (unless verify=False) or whose sha256 differs from the recorded one (corrupt or truncated), a
+file safetensors cannot open, a tensor the description names but no file holds (or the reverse), or a tensor
+typed otherwise than its Linear.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -16,9 +21,13 @@ from safetensors import safe_open
 
 from slimquant.errors import OutputError
 from slimquant.export import names
+from slimquant.export.description import OutputMeta, is_plain_file_name, parse_output_meta
 
 NOT_TENSOR_KEYS = {"model_quant_type", "version", "kv_cache_type", "model_quant_type_second",
-                   "kv_cache_type_second", "fa_quant_type", "reduce_quant_type"}
+                   "kv_cache_type_second", "fa_quant_type", "reduce_quant_type", "group_size", "weight_bits",
+                   "slimquant"}
+FLOAT = "FLOAT"
+QUANT_TYPE = re.compile(r"[A-Za-z0-9_]+")
 
 
 def _find_description(directory: Path) -> Path:
@@ -42,36 +51,102 @@ def _read_json(path: Path) -> dict:
     return data
 
 
+def _quant_type(description: dict, source: str) -> str:
+    qtype = description.get("model_quant_type")
+    if not isinstance(qtype, str):
+        raise OutputError(f"{source}: no model_quant_type")
+    if not QUANT_TYPE.fullmatch(qtype):
+        raise OutputError(f"{source}: model_quant_type {qtype!r} is not a scheme name like W8A8")
+    return qtype
+
+
+def _tensor_types(description: dict, meta: OutputMeta, source: str) -> dict[str, str]:
+    """{tensor key: type}: each key of a quantized Linear typed as its Linear, every other key FLOAT."""
+    types = {}
+    for key, kind in description.items():
+        if key in NOT_TENSOR_KEYS:
+            continue
+        linear = meta.linears.get(key.rpartition(".")[0])
+        expected = FLOAT if linear is None else linear.type
+        if kind != expected:
+            raise OutputError(f"{source}: tensor {key} is typed {kind!r}, expected {expected!r}")
+        types[key] = kind
+    return types
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    weight_map = _read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        raise OutputError(f"{index.name}: no weight_map of tensor name -> file name")
+    for file_name in dict.fromkeys(weight_map.values()):
+        if not is_plain_file_name(file_name):
+            raise OutputError(f"{index.name}: weight file {file_name!r} is not a plain file name inside the output "
+                              "directory; refusing to read it")
+    return weight_map
+
+
+def _safetensors_keys(path: Path) -> list[str]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys())
+    except Exception as exc:  # safetensors raises its own types for bad headers and short files
+        raise OutputError(f"weight file {path} cannot be read: {exc}") from None
+
+
 class QuantizedFiles:
-    """The tensors of one saved output, read lazily from its (possibly sharded) safetensors files."""
+    """The tensors of one saved output, read lazily from its (possibly sharded) safetensors files.
+
+    verify: require a sha256 in the description for every weight file read (the index too) and check it;
+    verify=False reads files without checksums (and skips hashing).
+    """
 
     def __init__(self, directory: str | os.PathLike, verify: bool = True):
         self.directory = Path(directory)
+        self.verify = verify
         self.description_path = _find_description(self.directory)
+        source = self.description_path.name
         self.description = _read_json(self.description_path)
-        qtype = self.description.get("model_quant_type")
-        if not isinstance(qtype, str):
-            raise OutputError(f"{self.description_path.name}: no model_quant_type")
-        self.quant_type = qtype
-        meta = self.description.get("slimquant")
-        if not isinstance(meta, dict) or not isinstance(meta.get("linears"), dict):
-            raise OutputError(f"{self.description_path.name}: no slimquant metadata; only outputs written by "
-                              "slimquant can be loaded")
-        self.meta = meta
-        self.types = {k: v for k, v in self.description.items() if isinstance(v, str) and k not in NOT_TENSOR_KEYS}
-        self._where = self._locate(verify)
+        self.quant_type = _quant_type(self.description, source)
+        self.meta = parse_output_meta(self.description.get("slimquant"), source)
+        self.types = _tensor_types(self.description, self.meta, source)
+        self._where = self._locate()
         missing = [k for k in self.types if k not in self._where]
         if missing:
             raise OutputError(f"{self.directory}: the description names {len(missing)} tensor(s) no weight file "
                               f"holds: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        untyped = [k for k in self._where if k not in self.types]
+        if untyped:
+            raise OutputError(f"{self.directory}: the weight files hold {len(untyped)} tensor(s) the description "
+                              f"does not type: {', '.join(untyped[:5])}{' ...' if len(untyped) > 5 else ''}")
+        self._owned: dict[str, list[str]] = defaultdict(list)
+        for key in self._where:
+            self._owned[key.rpartition(".")[0]].append(key)
         self._handles: dict[Path, object] = {}
+
+    def _check_sum(self, path: Path) -> None:
+        if not self.verify:
+            return
+        expected = self.meta.files.get(path.name)
+        if expected is None:
+            raise OutputError(f"weight file {path.name}: its sha256 checksum is missing from "
+                              f"{self.description_path.name} (slimquant.files), so its integrity cannot be "
+                              "checked; re-save the output, or opt out of the check with "
+                              "load_quantized(model, dir, verify=False) / QuantizedFiles(dir, verify=False) "
+                              "(slimquant eval --no-verify)")
+        try:
+            actual = names.sha256_file(path)
+        except OSError as exc:
+            raise OutputError(f"cannot read weight file {path}: {exc}") from None
+        if actual != expected:
+            raise OutputError(f"weight file {path} is corrupt or truncated (sha256 differs from the description)")
 
     def _weight_files(self) -> tuple[list[Path], dict[str, str] | None]:
         index = self.directory / names.index_name(self.quant_type)
         if index.exists():
-            weight_map = _read_json(index).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise OutputError(f"{index.name}: no weight_map")
+            if not index.is_file():
+                raise OutputError(f"{index} is not a file")
+            self._check_sum(index)
+            weight_map = _weight_map(index)
             return [self.directory / f for f in dict.fromkeys(weight_map.values())], weight_map
         single = self.directory / names.single_name(self.quant_type)
         if not single.exists():
@@ -79,22 +154,14 @@ class QuantizedFiles:
                               "safetensors outputs can be loaded: save with save_type 'safe_tensor')")
         return [single], None
 
-    def _locate(self, verify: bool) -> dict[str, Path]:
+    def _locate(self) -> dict[str, Path]:
         files, weight_map = self._weight_files()
-        sums = self.meta.get("files", {})
         where: dict[str, Path] = {}
         for path in files:
             if not path.is_file():
                 raise OutputError(f"weight file {path.name} is missing from {self.directory}")
-            expected = sums.get(path.name)
-            if verify and expected and names.sha256_file(path) != expected:
-                raise OutputError(f"weight file {path} is corrupt or truncated (sha256 differs from the description)")
-            try:
-                with safe_open(str(path), framework="pt") as f:
-                    keys = list(f.keys())
-            except Exception as exc:  # safetensors raises its own types for bad headers and short files
-                raise OutputError(f"weight file {path} cannot be read: {exc}") from None
-            for key in keys:
+            self._check_sum(path)
+            for key in _safetensors_keys(path):
                 where[key] = path
         if weight_map is not None:
             for key, file_name in weight_map.items():
@@ -107,6 +174,10 @@ class QuantizedFiles:
 
     def keys(self):
         return self._where.keys()
+
+    def keys_of(self, owner: str) -> list[str]:
+        """The keys `<owner>.<leaf>` (a Linear's tensors)."""
+        return list(self._owned.get(owner, []))
 
     def get(self, key: str) -> torch.Tensor:
         path = self._where.get(key)
