@@ -61,7 +61,8 @@ def nothing_written(directory: Path, before: set[str]) -> bool:
     (["--eval-text", "CALIB", "--eval-window", 1], "--eval-window"),
     (["--eval-windows", 0], "--eval-windows"),
     (["--layer-report", "DIR"], "is a directory"),
-    (["-a", "ascend"], "output format, not an algorithm"),
+    (["-a", "safe_tensor"], "output format, not an algorithm"),
+    (["-a", "ascend"], "unknown algorithm 'ascend'"),
 ])
 def test_job_arguments_are_refused_before_the_model_is_loaded(tiny_model_dir, calib_text_file, tmp_path,
                                                                no_model_load, args, message):

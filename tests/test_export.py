@@ -192,17 +192,18 @@ def test_tokenizer_is_saved_alongside(float_model, tmp_path):
 # -- the exporter plugin ------------------------------------------------------------------------------------
 
 
-def test_exporter_is_a_registered_plugin_on_the_export_hook(float_model, tmp_path):
-    from slimquant.plugins import PluginSet, hooks_of, load_plugin_class
+def test_exporters_are_plugins_of_their_own_entry_point_group(float_model, tmp_path):
+    from slimquant.plugins import EXPORTERS, PluginSet, hooks_of, installed, load_plugin_class
 
-    declared = tomllib.loads((ROOT / "core" / "pyproject.toml").read_text())
-    assert declared["project"]["entry-points"]["slimquant.plugins"]["ascend"] == \
-        "slimquant.export.ascend:AscendExporter"
-    cls = load_plugin_class("ascend")
+    declared = tomllib.loads((ROOT / "core" / "pyproject.toml").read_text())["project"]["entry-points"]
+    assert declared["slimquant.exporters"] == {"safe_tensor": "slimquant.export.ascend:SafetensorsExporter",
+                                               "numpy": "slimquant.export.ascend:NumpyExporter"}
+    assert not set(declared["slimquant.plugins"]) & {"safe_tensor", "numpy", "ascend"}
+    assert {"safe_tensor", "numpy"} <= set(installed(EXPORTERS))
+    cls = load_plugin_class("safe_tensor", EXPORTERS)
     assert hooks_of(cls) == ["export"]
-    plugins = PluginSet({"ascend": cls(cls.Config())})
+    plugins = PluginSet({"safe_tensor": cls(cls.Config())})
     model, _ = quantized(float_model, "W8A8_DYNAMIC")
-    assert plugins.hook.export(model=model, output_dir=tmp_path, fmt="gguf", options={}) is None
-    files = plugins.hook.export(model=model, output_dir=tmp_path, fmt="safe_tensor", options={})
+    files = plugins.call("safe_tensor", "export", model=model, output_dir=tmp_path, options={})
     assert {Path(f).name for f in files} == {"quant_model_weight_w8a8_dynamic.safetensors",
                                              "quant_model_description_w8a8_dynamic.json"}

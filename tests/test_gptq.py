@@ -127,10 +127,9 @@ def test_a_linear_no_token_reached_is_rounded_to_nearest(caplog):
     ctx = SimpleNamespace(state=lambda name: {})
     args = WeightArgs(bits=4, symmetric=False, group_size=32)
     with caplog.at_level(logging.INFO, logger="slimquant_gptq.plugin"):
-        q = plugin.quantize_weight(ctx=ctx, name="experts.7.w1", module=linear, args=args, algorithm="gptq")
+        q = plugin.quantize_weight(ctx=ctx, name="experts.7.w1", module=linear, args=args)
     assert torch.equal(q.codes, rtn(linear.weight.detach(), 32).codes)
     assert "experts.7.w1" in caplog.text and "rounding to nearest" in caplog.text
-    assert plugin.quantize_weight(ctx=ctx, name="x", module=linear, args=args, algorithm="minmax") is None
 
 
 def test_plugin_end_to_end_beats_minmax():

@@ -33,10 +33,8 @@ class HalfRange:
         self.config = config
 
     @hookimpl
-    def quantize_weight(self, ctx, name, module, args, algorithm):
-        if algorithm != self.name:
-            return None
-        CALLS.append(name)
+    def quantize_weight(self, ctx, name, module, args):  # no "is this mine?" test: the runtime calls only its own
+        CALLS.append((self.name, name))
         s, z = weight_qparams(module.weight, args.bits, args.symmetric, args.group_size,
                               clip_ratio=self.config.ratio)
         return quantize_weight_with(module.weight, s, z, args.bits, args.group_size)
@@ -124,7 +122,8 @@ def test_two_weight_algorithms_need_overrides(third_party):
         update={"progress": False})}), samples=[torch.randint(0, 128, (1, 16))])
     import halfrange_plugin
 
-    assert sorted(halfrange_plugin.CALLS) == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    assert sorted(halfrange_plugin.CALLS) == [("halfrange", "model.layers.0.mlp.down_proj"),
+                                              ("halfrange", "model.layers.1.mlp.down_proj")]
     assert report.plans["model.layers.0.mlp.down_proj"].scheme.weights.bits == 4
     assert report.plans["model.layers.0.mlp.up_proj"].scheme.weights.bits == 8
     assert model.model.layers[1].mlp.down_proj.bits == 4
@@ -133,5 +132,17 @@ def test_two_weight_algorithms_need_overrides(third_party):
 def test_hooks_of_reports_what_a_plugin_implements(third_party):
     cls = registry.load_plugin_class("halfrange")
     assert registry.hooks_of(cls) == ["quantize_weight"]
-    assert registry.hooks_of(registry.load_plugin_class("minmax")) == ["observe", "quantize_weight",
+    assert registry.hooks_of(registry.load_plugin_class("minmax")) == ["check", "observe", "quantize_weight",
                                                                        "quantize_act"]
+
+
+def test_a_plugin_is_only_called_for_the_linears_its_plan_names(third_party):
+    """Neither plugin checks which algorithm it is asked for: direct dispatch keeps them apart."""
+    recipe = slimquant.Recipe.parse({"algorithms": ["halfrange"], "runtime": {"progress": False}, "overrides": [
+        {"targets": ["re:.*down_proj"], "algorithm": "quarterrange"}]})
+    slimquant.quantize(tiny_llama(), recipe)
+    import halfrange_plugin
+
+    calls = halfrange_plugin.CALLS
+    assert len(calls) == 14 and len(set(calls)) == 14
+    assert all((algo == "quarterrange") == name.endswith("down_proj") for algo, name in calls)

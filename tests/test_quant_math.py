@@ -158,3 +158,17 @@ def test_token_sample_keeps_a_bounded_uniform_sample_of_the_stream():
     small = TokenSample(capacity=1000)
     small.update(torch.arange(30.0).reshape(10, 3))
     assert torch.equal(small.rows, torch.arange(30.0).reshape(10, 3))
+
+
+def test_a_range_that_excludes_zero_is_widened_and_the_zero_point_is_a_code():
+    """min 1, max 2 at 8 bits used to give zero point -383, which no int8 offset can hold."""
+    scale, zero = range_to_qparams(torch.tensor(1.0), torch.tensor(2.0), 8, False)
+    assert -128 <= float(zero) <= 127
+    assert float(zero) == -128  # the range became [0, 2]
+    assert torch.allclose(scale, torch.tensor(2.0 / 255))
+    x = torch.tensor([0.0, 1.0, 1.5, 2.0])
+    assert (fake_quantize(x, scale, zero, 8) - x).abs().max() <= scale / 2 + 1e-7
+    scale, zero = range_to_qparams(torch.tensor(-3.0), torch.tensor(-1.0), 4, False)
+    assert -8 <= float(zero) <= 7 and torch.allclose(scale, torch.tensor(3.0 / 15))
+    sym, none = range_to_qparams(torch.tensor(1.0), torch.tensor(2.0), 8, True)
+    assert none is None and torch.allclose(sym, torch.tensor(2.0 / 127))

@@ -10,14 +10,26 @@ SAMPLES = 6
 ERROR_SAMPLES = 2
 
 
-def layer_calls(recipe: dict, module: str = "") -> int:
+def layer_calls(recipe: dict, module: str = "", batch_tokens: int = 8, samples: bool = True) -> int:
+    """Calls of layer 1 (or one of its modules); by default one 8-token sample per calibration batch."""
     model = tiny_model("llama")
     layer = model.model.layers[1].get_submodule(module)  # layer 0 also sees the catcher's call
     calls = []
     layer.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0] if args else 1))
-    full = {**recipe, "model": {"device": "cpu"}, "runtime": {"progress": False, "error_samples": ERROR_SAMPLES}}
-    slimquant.quantize(model, full, samples=token_samples(SAMPLES, 8))
+    runtime = {"progress": False, "error_samples": ERROR_SAMPLES, "batch_tokens": batch_tokens}
+    full = {**recipe, "model": {"device": "cpu"}, "runtime": runtime}
+    slimquant.quantize(model, full, samples=token_samples(SAMPLES, 8) if samples else None)
     return len(calls)
+
+
+def test_data_free_weight_only_runs_nothing():
+    assert layer_calls({"scheme": "W8A16"}, samples=False) == 0
+    assert layer_calls({"scheme": "W4A16", "algorithms": ["minmax"]}, samples=False) == 0
+
+
+def test_samples_of_one_length_are_batched():
+    # 6 samples of 8 tokens in batches of 24 tokens: 2 batches; the first covers the 2 error samples
+    assert layer_calls({"scheme": "W8A8"}, batch_tokens=24) == 2 + 2
 
 
 def test_round_to_nearest_weight_only_skips_the_observation_pass():

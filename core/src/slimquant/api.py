@@ -23,7 +23,9 @@ def quantize(model: nn.Module, recipe: Recipe | dict, *, tokenizer=None, calib_d
     """Quantize `model` in place: afterwards it is the fake-quantized model.
 
     Calibration comes from `samples` (token tensors), else `calib_data` (texts or token tensors, the
-    msModelSlim way), else the recipe's calibration source (which needs `tokenizer`).
+    msModelSlim way), else the recipe's calibration source (which needs `tokenizer`). When no plugin needs data
+    and none is given (no samples, no calib_data, no `calibration` in the recipe), the weights are quantized
+    straight away, data-free; errors against float are then not measured.
     """
     return _run(model, recipe, tokenizer, calib_data, samples, smooth_only=False)
 
@@ -56,6 +58,8 @@ def _run(model, recipe, tokenizer, calib_data, samples, smooth_only: bool) -> Qu
     if samples is None:
         if calib_data is not None:
             samples = from_user_data(calib_data, tokenizer, recipe.calibration.seqlen)
+        elif not quantizer.needs_data and "calibration" not in recipe.model_fields_set:
+            return quantizer.run(None)  # data-free: nothing to calibrate, and no data given to measure errors on
         else:
             if tokenizer is None:
                 raise CalibrationError("give calibration `samples` or `calib_data`, or a tokenizer for the recipe's "

@@ -1,21 +1,53 @@
-"""The contract between slimquant's runtime and its algorithm plugins.
+"""The contract (version 2) between slimquant's runtime and its plugins.
 
-A plugin is a class found through the entry-point group ``slimquant.plugins``. It has:
+Two entry-point groups, each name unique within its group:
 
-- ``name``: the algorithm name users write in a recipe; it must equal the entry-point name;
-- ``Config``: a pydantic model of its arguments, with ``name: Literal["<name>"]``;
-- ``__init__(self, config)``: takes a validated ``Config``;
-- any of the hooks below, marked with ``@hookimpl``;
-- optionally ``observes(self, plan) -> bool``: whether its ``observe`` needs the quantize-phase pass over
-  the calibration data for a Linear with that ``LinearPlan``. A plugin with an ``observe`` hook and no
-  ``observes`` is assumed to need it; when no plugin needs it (round-to-nearest weight-only quantization),
-  the runtime skips that pass.
+- ``slimquant.plugins``: algorithms (``minmax``, ``gptq``, ``smoothquant``, ...), named in a recipe's
+  ``algorithms``;
+- ``slimquant.exporters``: output formats (``safe_tensor``, ``numpy``, ...), named in ``save_type`` /
+  ``--save-type``.
 
-The runtime calls every hook with keyword arguments only. Hooks that choose one plugin
-(``quantize_weight``, ``quantize_act``, ``export``) pass that plugin's name as ``algorithm`` or
-``fmt``; a plugin returns ``None`` when the name is not its own. Plugins keep their statistics in
-``ctx.state(self.name)``, which the runtime frees after each decoder layer, and never register torch
-hooks themselves: the runtime owns them.
+A plugin is a class with:
+
+- ``name``: what users write; it must equal the entry-point name;
+- ``Config``: a pydantic model of its arguments, with ``name: Literal["<name>"]``; ``__init__(self, config)``
+  takes the validated ``Config``;
+- the hooks below that it implements, marked with ``@hookimpl``;
+- its capabilities, as data the runtime reads (class attributes, which ``__init__`` may refine per instance from
+  the config):
+
+  ``requires_calibration_data: bool`` (default False)
+      True when the plugin cannot work without calibration samples (GPTQ's Hessians, a smoother's ranges). When
+      no plugin of a run requires data and none ``observes`` any Linear, the runtime takes the data-free path:
+      every Linear is quantized straight from its weight; no sample is read, generated or run.
+  ``sequential: bool`` (default False)
+      True when a weight algorithm wants each Linear's inputs observed after the Linears before it were
+      quantized (GPTQ's true_sequential): the runtime then observes and quantizes the layer's Linears group by
+      group (q/k/v, o, gate/up, down), re-running the layer in between.
+  ``observes(self, plan) -> bool`` (default: False)
+      Whether the quantize-phase observation pass must show this plugin the inputs of a Linear with that
+      ``LinearPlan``. A plugin with an ``observe`` hook and no ``observes`` method observes every Linear whose
+      plan names it.
+  ``aliases: dict[str, str]`` (default empty)
+      The names other tools give this algorithm, for slimquant's compatibility APIs: keys
+      ``"msmodelslim.w_method"``, ``"msmodelslim.anti_method"``, ``"paddleslim"``; e.g. ``{"msmodelslim.w_method":
+      "GPTQ"}``. The compatibility APIs look plugins up by these, never by a name written into slimquant.
+
+Dispatch: the runtime calls each hook on the one plugin the plan chose for that call (the Linear's weight
+algorithm, its activation algorithm, the smoother whose turn it is, the exporter of that format), with keyword
+arguments only, through pluggy's subset callers. A plugin never sees another plugin's calls and needs no "is this
+mine?" test. Every hook is optional.
+
+State: ``ctx.state(self.name)`` is a dict private to the plugin for the current decoder layer. It lives from the
+layer's first observation pass until the layer is done (after its last Linear is quantized and its output is fed
+to the next layer); it is kept across the layer's smoothing pass, its sequential groups and its quantize pass, so
+a plugin pops what it has consumed (GPTQ pops each Linear's Hessian). Statistics kept there should be
+``slimquant.stats.Statistic`` objects, which declare how they combine across processes (sums add, ranges take
+min/max, samples concatenate). Plugins never register torch hooks themselves: the runtime owns them.
+
+Errors: a hook raises ``slimquant.errors.RecipeError`` for a bad combination of arguments (better caught in
+``check``), ``CalibrationError`` for unusable data; anything it returns that breaks the contract (a wrong type,
+shape or dtype) is reported by the runtime as a ``PluginError`` naming the plugin and the Linear.
 """
 
 from __future__ import annotations
@@ -23,50 +55,70 @@ from __future__ import annotations
 import pluggy
 
 PROJECT = "slimquant"
+CONTRACT_VERSION = 2
 
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
 @hookspec
-def observe(ctx, name: str, module, inputs, output) -> None:
-    """Called for every quantizable Linear of the current decoder layer on every calibration batch.
+def check(plan, name: str | None, shape: tuple[int, int] | None) -> list[str] | None:
+    """Plan-time validation: return the problems (as strings naming the field, e.g. ``"weights.strategy: gptq
+    quantizes per channel or per group, not per tensor"``) this plugin has with one ``LinearPlan``; None or [] when
+    there are none.
 
-    ``inputs`` is the Linear's input tensor, ``output`` its output. ``ctx.phase`` is ``"smooth"`` in
-    the pass before smoothing and ``"quantize"`` in the pass before quantization. Accumulate what you
-    need in ``ctx.state(self.name)``; return nothing.
+    Called on every plugin a plan names (its weight and activation algorithms, each smoother, each exporter):
+    first before any model is loaded, once per distinct scheme of the recipe (the base scheme and each override),
+    with ``name`` and ``shape`` None; then, once the model's structure is known and before any calibration runs,
+    once per quantized Linear with its full ``name`` and weight ``shape`` ``(out_features, in_features)``. The
+    runtime raises one ``RecipeError`` listing every problem. Must not modify anything.
     """
 
 
 @hookspec
-def smooth(ctx, algorithm: str) -> None:
-    """Called once per decoder layer for each smoother the recipe names, in recipe order, each right after its
-    own observation pass (``ctx.phase == "smooth"``) over the layer as the previous smoothers left it.
+def observe(ctx, name: str, module, inputs, output) -> None:
+    """Called on each calibration batch for a Linear of the current decoder layer, with the Linear's input tensor
+    ``inputs`` (``[..., in_features]``) and its output.
 
-    Rewrite norms and Linears of ``ctx.layer`` so that the layer's float output is unchanged up to float
-    rounding (SmoothQuant, Shift, AWQ scaling). ``ctx.subgraphs`` lists which norm or Linear feeds which
-    Linears. Return nothing.
+    In a smoothing pass (``ctx.phase == "smooth"``) only the smoother whose turn it is observes, every quantized
+    Linear of the layer. In the quantize pass (``ctx.phase == "quantize"``) the plugins named by that Linear's plan
+    (weight and activation algorithm) observe it when their ``observes(plan)`` says so. Accumulate into
+    ``ctx.state(self.name)``; return nothing; do not modify the tensors.
+    """
+
+
+@hookspec
+def smooth(ctx) -> None:
+    """Called once per decoder layer on each smoother, in recipe order, right after that smoother's own observation
+    pass over the layer as the previous smoothers left it.
+
+    Rewrite norms and Linears of ``ctx.layer`` so that the layer's float output is unchanged up to float rounding
+    (SmoothQuant, Shift, AWQ scaling); ``ctx.subgraphs`` lists which norm or Linear feeds which Linears,
+    ``ctx.block_inputs`` / ``ctx.run_block`` give a sub-block's calibration inputs and outputs. Return nothing.
     """
 
 
 @hookspec(firstresult=True)
-def quantize_weight(ctx, name: str, module, args, algorithm: str):
-    """Quantize one Linear's weight with ``args`` (a WeightArgs) if ``algorithm`` is yours.
+def quantize_weight(ctx, name: str, module, args):
+    """Quantize one Linear's weight with ``args`` (a ``WeightArgs``), on the plugin the Linear's plan names.
 
-    Return a ``slimquant.quant.QuantizedWeight``; the runtime swaps the Linear for a fake-quantized one.
-    The Linear's float weight is still in place when this is called.
+    Return a ``slimquant.quant.QuantizedWeight`` of the Linear's shape. The float weight is still in place; the
+    runtime swaps the Linear for a ``FakeQuantLinear`` afterwards. Called once per quantized Linear, after the
+    observation pass of its sequential group.
     """
 
 
 @hookspec(firstresult=True)
-def quantize_act(ctx, name: str, module, args, algorithm: str):
-    """Return the ``ActQParams`` for one Linear's input (``args`` is an ActArgs) if ``algorithm`` is yours."""
+def quantize_act(ctx, name: str, module, args):
+    """Return the ``ActQParams`` for one Linear's input (``args`` is an ``ActArgs``), on the plugin the Linear's plan
+    names for activations. Called right after the Linear's weight was quantized (``ctx.qweights[name]``)."""
 
 
 @hookspec(firstresult=True)
-def export(model, output_dir, fmt: str, options: dict):
-    """Write ``model`` (after quantization) to ``output_dir`` in format ``fmt`` if it is yours.
+def export(model, output_dir, options: dict):
+    """Write ``model`` (after quantization) into ``output_dir``, on the exporter of the format asked for.
 
-    ``output_dir`` is a fresh temporary directory that the caller renames into place when all formats
-    have been written. Return the list of files written.
+    ``output_dir`` is a fresh temporary directory that the caller renames into place when every format has been
+    written; ``options`` holds ``part_file_size``, ``linear_types``, ``pack_int4``. Return the list of files
+    written. Refuse what the format cannot hold in ``check``, before any work, never by writing an approximation.
     """

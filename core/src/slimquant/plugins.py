@@ -1,9 +1,13 @@
-"""Find algorithm plugins through entry points, load only the ones a recipe names, validate their arguments."""
+"""Find plugins through entry points, load only the ones a recipe names, validate their arguments, dispatch hooks.
+
+Algorithms live in the entry-point group ``slimquant.plugins``, output formats in ``slimquant.exporters``; the
+contract is ``slimquant.hookspecs``.
+"""
 
 from __future__ import annotations
 
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint, entry_points
 
 import pluggy
@@ -13,8 +17,11 @@ from slimquant import hookspecs
 from slimquant.config.recipe import Recipe, format_validation_error
 from slimquant.errors import PluginError, RecipeError
 
-GROUP = "slimquant.plugins"
-HOOK_NAMES = ("observe", "smooth", "quantize_weight", "quantize_act", "export")
+ALGORITHMS = "slimquant.plugins"
+EXPORTERS = "slimquant.exporters"
+GROUP = ALGORITHMS
+KIND = {ALGORITHMS: "algorithm", EXPORTERS: "output format"}
+HOOK_NAMES = ("check", "observe", "smooth", "quantize_weight", "quantize_act", "export")
 ALGORITHM_HOOKS = ("observe", "smooth", "quantize_weight", "quantize_act")
 DEFAULT_ALGORITHM = "minmax"
 
@@ -27,29 +34,34 @@ class PluginInfo:
     version: str
 
 
-def installed() -> dict[str, PluginInfo]:
+def installed(group: str = ALGORITHMS) -> dict[str, PluginInfo]:
     """Every plugin declared under the entry-point group, without importing any of them."""
     found: dict[str, PluginInfo] = {}
-    for ep in entry_points(group=GROUP):
+    for ep in entry_points(group=group):
         dist = getattr(ep, "dist", None)
         found.setdefault(ep.name, PluginInfo(
             ep.name, ep.value, dist.metadata["Name"] if dist else "?", dist.version if dist else "?"))
     return dict(sorted(found.items()))
 
 
-def _entry_point(name: str) -> EntryPoint:
-    matches = [ep for ep in entry_points(group=GROUP) if ep.name == name]
+def _entry_point(name: str, group: str) -> EntryPoint:
+    matches = [ep for ep in entry_points(group=group) if ep.name == name]
     if not matches:
-        known = ", ".join(installed()) or "none"
-        raise PluginError(f"unknown algorithm {name!r}; installed algorithms: {known}")
+        other = EXPORTERS if group == ALGORITHMS else ALGORITHMS
+        if name in installed(other):
+            raise PluginError(f"{name!r} is an installed {KIND[other]}, not an {KIND[group]}"
+                              + ("; choose it with --save-type / save_type" if other == EXPORTERS else ""))
+        known = ", ".join(installed(group)) or "none"
+        raise PluginError(f"unknown {KIND[group]} {name!r}; installed {KIND[group]}s: {known} "
+                          f"(another may come from `pip install slimquant-{name.lower()}`)")
     values = {ep.value for ep in matches}
     if len(values) > 1:
-        raise PluginError(f"algorithm {name!r} is declared by several distributions: {sorted(values)}")
+        raise PluginError(f"{KIND[group]} {name!r} is declared by several distributions: {sorted(values)}")
     return matches[0]
 
 
-def load_plugin_class(name: str) -> type:
-    ep = _entry_point(name)
+def load_plugin_class(name: str, group: str = ALGORITHMS) -> type:
+    ep = _entry_point(name, group)
     try:
         cls = ep.load()
     except Exception as exc:  # a broken plugin must name itself, and not take others down with it
@@ -63,6 +75,11 @@ def load_plugin_class(name: str) -> type:
     literal = config.model_fields.get("name")
     if literal is None or typing.get_args(literal.annotation) != (name,):
         raise PluginError(f"plugin {name!r}: Config.name must be Literal[{name!r}]")
+    hooks = hooks_of(cls)
+    if group == ALGORITHMS and not set(ALGORITHM_HOOKS) & set(hooks):
+        raise PluginError(f"plugin {name!r} implements none of the algorithm hooks {', '.join(ALGORITHM_HOOKS)}")
+    if group == EXPORTERS and "export" not in hooks:
+        raise PluginError(f"exporter {name!r} implements no `export` hook")
     return cls
 
 
@@ -77,8 +94,47 @@ def validate_args(cls: type, args: dict, where: str) -> BaseModel:
         raise RecipeError(format_validation_error(exc, where)) from None
 
 
+# -- capabilities, read as declared data ------------------------------------------------------------------------
+
+
+def requires_calibration_data(plugin) -> bool:
+    return bool(getattr(plugin, "requires_calibration_data", False))
+
+
+def is_sequential(plugin) -> bool:
+    return bool(getattr(plugin, "sequential", False))
+
+
+def observes(plugin, plan) -> bool:
+    if "observe" not in hooks_of(type(plugin)):
+        return False
+    declared = getattr(plugin, "observes", None)
+    if declared is None:
+        return plugin.name in (plan.weight_algorithm, plan.act_algorithm)
+    return bool(declared(plan))
+
+
+def aliases(plugin_class: type) -> dict[str, str]:
+    return dict(getattr(plugin_class, "aliases", {}) or {})
+
+
+def find_by_alias(key: str, value: str) -> str | None:
+    """The installed algorithm that declares `aliases[key] == value` (case-insensitive), importing each to read it."""
+    for name in installed(ALGORITHMS):
+        try:
+            cls = load_plugin_class(name)
+        except PluginError:
+            continue
+        if str(aliases(cls).get(key, "")).lower() == str(value).lower():
+            return name
+    return None
+
+
+# -- a run's plugins ----------------------------------------------------------------------------------------------
+
+
 class PluginSet:
-    """The plugins one recipe uses, registered on one pluggy manager, with each one's role."""
+    """The plugins one run uses, registered on one pluggy manager; each hook is called on one chosen plugin."""
 
     def __init__(self, plugins: dict[str, object]):
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
@@ -87,16 +143,23 @@ class PluginSet:
         for name, plugin in plugins.items():
             self.pm.register(plugin, name=name)
         self.pm.check_pending()
+        self._callers: dict[tuple[str, str], object] = {}
 
-    @property
-    def hook(self):
-        return self.pm.hook
-
-    def with_hook(self, hook: str) -> list[str]:
-        return [n for n, p in self.plugins.items() if hook in hooks_of(type(p))]
+    def call(self, plugin: str, hook: str, **kwargs):
+        """Call `hook` on plugin `plugin` alone; None when it does not implement the hook."""
+        if hook not in hooks_of(type(self.plugins[plugin])):
+            return None
+        caller = self._callers.get((plugin, hook))
+        if caller is None:
+            others = [p for n, p in self.plugins.items() if n != plugin]
+            caller = self._callers[(plugin, hook)] = self.pm.subset_hook_caller(hook, remove_plugins=others)
+        return caller(**kwargs)
 
     def get(self, name: str):
         return self.plugins[name]
+
+    def with_hook(self, hook: str) -> list[str]:
+        return [n for n, p in self.plugins.items() if hook in hooks_of(type(p))]
 
 
 @dataclass
@@ -105,6 +168,46 @@ class AlgorithmPlan:
     smoothers: list[str]
     weight_algorithm: str
     act_algorithm: str
+    exporters: dict[str, object] = field(default_factory=dict)
+
+    def requires_calibration_data(self, plans) -> bool:
+        """False when every Linear can be quantized from its weight alone: the data-free path."""
+        plans = [p for p in plans if p is not None]
+        if self.smoothers:
+            return True
+        for plugin in self.plugins.plugins.values():
+            if requires_calibration_data(plugin) and any(plugin.name in (p.weight_algorithm, p.act_algorithm)
+                                                         for p in plans):
+                return True
+            if any(observes(plugin, p) for p in plans):
+                return True
+        return False
+
+    def sequential(self, plans) -> bool:
+        names = {p.weight_algorithm for p in plans if p is not None}
+        return any(is_sequential(self.plugins.get(n)) for n in names)
+
+    def observers(self, plan) -> list[str]:
+        """The plugins that observe a Linear with this plan in the quantize pass."""
+        names = dict.fromkeys([plan.weight_algorithm, plan.act_algorithm])
+        return [n for n in names if observes(self.plugins.get(n), plan)]
+
+    def check(self, plan, name: str | None = None, shape: tuple[int, int] | None = None) -> list[str]:
+        involved = dict.fromkeys([plan.weight_algorithm, *( [plan.act_algorithm] if plan.scheme.activations else []),
+                                  *self.smoothers])
+        problems = []
+        for plugin in involved:
+            for problem in self.plugins.call(plugin, "check", plan=plan, name=name, shape=shape) or []:
+                problems.append(f"{plugin}: {problem}")
+        for fmt, exporter in self.exporters.items():
+            for problem in _call_exporter_check(exporter, plan, name, shape):
+                problems.append(f"save_type {fmt}: {problem}")
+        return problems
+
+
+def _call_exporter_check(exporter, plan, name, shape) -> list[str]:
+    check = getattr(exporter, "check", None)
+    return list(check(plan=plan, name=name, shape=shape) or []) if check is not None else []
 
 
 def _single(role: str, candidates: list[str]) -> str:
@@ -114,8 +217,20 @@ def _single(role: str, candidates: list[str]) -> str:
     return candidates[0] if candidates else DEFAULT_ALGORITHM
 
 
-def plan_algorithms(recipe: Recipe) -> AlgorithmPlan:
-    """Load the named plugins (and minmax when it is needed), validate their arguments, assign roles."""
+def load_exporters(formats: list[str]) -> dict[str, object]:
+    exporters = {}
+    for fmt in formats:
+        try:
+            cls = load_plugin_class(fmt, EXPORTERS)
+        except PluginError as exc:
+            raise RecipeError(f"save_type {fmt!r}: {exc}") from None
+        exporters[fmt] = cls(cls.Config())
+    return exporters
+
+
+def plan_algorithms(recipe: Recipe, formats: list[str] | None = None) -> AlgorithmPlan:
+    """Load the named plugins (and minmax when it is needed), validate their arguments, assign roles, and run
+    each plugin's plan-time `check` on every scheme of the recipe, before any model is loaded."""
     specs = {a["name"]: a for a in recipe.algorithms}
     override_algos = [o.algorithm for o in recipe.overrides if o.algorithm]
     names = list(specs) + [n for n in override_algos if n not in specs]
@@ -126,10 +241,6 @@ def plan_algorithms(recipe: Recipe) -> AlgorithmPlan:
         except PluginError as exc:
             where = f"algorithms[{i}]" if name in specs else "overrides.algorithm"
             raise RecipeError(f"{where}: {exc}") from None
-        if not set(ALGORITHM_HOOKS) & set(hooks_of(classes[name])):
-            where = f"algorithms[{i}]" if name in specs else "overrides.algorithm"
-            raise RecipeError(f"{where}: {name!r} is an output format, not an algorithm; choose it with "
-                              "--save-type / save_type")
     for name in override_algos:
         if "quantize_weight" not in hooks_of(classes[name]):
             raise RecipeError(f"overrides.algorithm: {name!r} does not quantize weights")
@@ -148,4 +259,22 @@ def plan_algorithms(recipe: Recipe) -> AlgorithmPlan:
         where = f"algorithms[{i}] ({name})" if name in specs else f"{name} arguments"
         plugins[name] = cls(validate_args(cls, specs.get(name, {"name": name}), where))
     smoothers = [n for n in specs if "smooth" in hooks_of(classes[n])]
-    return AlgorithmPlan(PluginSet(plugins), smoothers, weight_algorithm, act_algorithm)
+    plan = AlgorithmPlan(PluginSet(plugins), smoothers, weight_algorithm, act_algorithm,
+                         load_exporters(formats or []))
+    check_schemes(recipe, plan)
+    return plan
+
+
+def check_schemes(recipe: Recipe, algorithms: AlgorithmPlan) -> None:
+    """The plan-time check on the base scheme and on each override's, with the recipe field named."""
+    from slimquant.runtime.plan import LinearPlan, override_scheme
+
+    base = recipe.base_scheme()
+    problems = [f"scheme: {p}" for p in algorithms.check(
+        LinearPlan(base, algorithms.weight_algorithm, algorithms.act_algorithm))]
+    for i, override in enumerate(recipe.overrides):
+        plan = LinearPlan(override_scheme(base, override), override.algorithm or algorithms.weight_algorithm,
+                          algorithms.act_algorithm)
+        problems += [f"overrides[{i}]: {p}" for p in algorithms.check(plan)]
+    if problems:
+        raise RecipeError("the recipe asks for what its plugins cannot do:\n  " + "\n  ".join(problems))

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from slimquant.runtime.plan import name_matches
+from slimquant.stats import Reduce, Statistic
 
 log = logging.getLogger(__name__)
 
@@ -31,13 +32,15 @@ class CannotRewrite(Exception):
 # -- statistics --------------------------------------------------------------------------------------------------
 
 
-class ChannelRange:
+class ChannelRange(Statistic):
     """Per-channel min and max of a Linear's input, batch by batch.
 
-    sampler "max": the running extremes over all batches (SmoothQuant; PaddleSlim's MultiStepSampler).
-    sampler "ema": a bias-corrected exponential moving average of each batch's extremes (PaddleSlim's EMASampler),
-    so that one unusual batch weighs less.
+    sampler "max": the running extremes over all batches (SmoothQuant; PaddleSlim's MultiStepSampler); copies from
+    several processes take the extremes. sampler "ema": a bias-corrected exponential moving average of each batch's
+    extremes (PaddleSlim's EMASampler), so that one unusual batch weighs less; copies average, weighted by steps.
     """
+
+    reductions = {"lo": Reduce.MIN, "hi": Reduce.MAX, "steps": Reduce.SUM}
 
     def __init__(self, sampler: str = "max", decay: float = 0.98):
         if sampler not in ("max", "ema"):
@@ -59,6 +62,16 @@ class ChannelRange:
             d = self.decay
             self.lo, self.hi = d * self.lo + (1 - d) * lo, d * self.hi + (1 - d) * hi
         self.steps += 1
+
+    def merge(self, other: ChannelRange) -> None:
+        if self.sampler == "max" or self.lo is None or other.lo is None:
+            return super().merge(other)
+        (lo_a, hi_a), (lo_b, hi_b) = self.span(), other.span()
+        w = self.steps / (self.steps + other.steps)
+        self.steps += other.steps
+        correction = 1 - self.decay ** self.steps
+        self.lo = (w * lo_a + (1 - w) * lo_b) * correction
+        self.hi = (w * hi_a + (1 - w) * hi_b) * correction
 
     def span(self) -> tuple[torch.Tensor, torch.Tensor]:
         correction = 1.0 if self.sampler == "max" else 1 - self.decay ** self.steps

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from slimquant.config.scheme import Strategy
-from slimquant.errors import CalibrationError, RecipeError
+from slimquant.errors import CalibrationError
 from slimquant.hookspecs import hookimpl
 from slimquant.quant.actparams import ActQParams
 from slimquant.quant.math import (
@@ -45,16 +45,25 @@ class MinMaxConfig(BaseModel):
 class MinMaxPlugin:
     name = "minmax"
     Config = MinMaxConfig
+    requires_calibration_data = False  # weights need none; static activation ranges come from `observes`
+    aliases = {"msmodelslim.w_method": "MinMax"}
 
     def __init__(self, config: MinMaxConfig):
         self.config = config
 
+    @hookimpl
+    def check(self, plan, name, shape):
+        act = plan.scheme.activations
+        if (plan.act_algorithm == self.name and act is not None and act.strategy == Strategy.CHANNEL
+                and self.config.act_method != 1):
+            return [f"activations.strategy: minmax.act_method={self.config.act_method} searches one per-tensor "
+                    "range; use act_method 1 with per-channel activations"]
+        return None
+
     # -- weights ----------------------------------------------------------------------------------------
 
     @hookimpl
-    def quantize_weight(self, ctx, name, module, args, algorithm):
-        if algorithm != self.name:
-            return None
+    def quantize_weight(self, ctx, name, module, args):
         w = module.weight.detach().float()
         group_size = args.group_size if args.strategy == Strategy.GROUP else None
         if args.strategy == Strategy.TENSOR:
@@ -75,23 +84,13 @@ class MinMaxPlugin:
 
     @hookimpl
     def observe(self, ctx, name, module, inputs, output):
-        if ctx.phase != "quantize":
-            return
-        plan = ctx.plan(name)
-        if plan is None or plan.act_algorithm != self.name or plan.scheme.activations is None:
-            return
-        act = plan.scheme.activations
-        if act.dynamic:
-            return
+        act = ctx.plan(name).scheme.activations
         stats = ctx.state(self.name).setdefault(name, self._new_stats(act))
         for observer in stats.values():
             observer.update(inputs)
 
     def _new_stats(self, act) -> dict:
         per_channel = act.strategy == Strategy.CHANNEL
-        if per_channel and self.config.act_method != 1:
-            raise RecipeError(f"minmax.act_method={self.config.act_method}: histogram ranges are per tensor; "
-                              "use act_method 1 with per-channel activations")
         stats = {"minmax": MinMax(per_channel)}
         if self.config.act_method in (2, 3):
             stats["histogram"] = Histogram(self.config.histogram_bins)
@@ -116,9 +115,7 @@ class MinMaxPlugin:
         return merged
 
     @hookimpl
-    def quantize_act(self, ctx, name, module, args, algorithm):
-        if algorithm != self.name:
-            return None
+    def quantize_act(self, ctx, name, module, args):
         if args.dynamic:
             return ActQParams(args.bits, args.symmetric, dynamic=True)
         stats = self._stats_for(ctx, name)

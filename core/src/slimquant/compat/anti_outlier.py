@@ -1,8 +1,9 @@
 """msModelSlim's outlier suppression: `AntiOutlier(model, calib_data, AntiOutlierConfig(...)).process()`.
 
 process() rewrites the float model in place, layer by layer, without quantizing it (slimquant.smooth_only); the
-user then quantizes with Calibrator(...).run() as usual. anti_method m1 = SmoothQuant, m2 = Shift (Outlier
-Suppression+) then SmoothQuant. Other methods fail with a message naming them.
+user then quantizes with Calibrator(...).run() as usual. Each anti_method is the plugin declaring it in its
+`aliases` (m1 SmoothQuant, m2 Shift (Outlier Suppression+) followed by m1, m3 AWQ); m4-m6 fail with a message
+naming them, and a method whose plugin is not installed says which distribution to install.
 """
 
 from __future__ import annotations
@@ -11,13 +12,16 @@ import logging
 
 from torch import nn
 
+from slimquant.compat.aliases import plugin_for
 from slimquant.config.recipe import Recipe
+from slimquant.plugins import load_plugin_class
 from slimquant.errors import CalibrationError, RecipeError
 from slimquant.runtime.pipeline import QuantizationReport
 
 log = logging.getLogger(__name__)
 
-NOT_PROVIDED = {"m3": "AWQ", "m4": "SmoothQuant with searched scales", "m5": "CBQ", "m6": "flex smooth"}
+NOT_PROVIDED = {"m4": "SmoothQuant with searched scales", "m5": "CBQ", "m6": "flex smooth"}
+ALIAS = "msmodelslim.anti_method"
 
 
 class AntiOutlierConfig:
@@ -31,12 +35,15 @@ class AntiOutlierConfig:
         if method in NOT_PROVIDED:
             raise RecipeError(f"AntiOutlierConfig: anti_method={anti_method!r} ({NOT_PROVIDED[method]}) is not "
                               "supported by slimquant; use 'm1' (SmoothQuant) or 'm2' (Shift + SmoothQuant)")
-        if method not in ("m1", "m2"):
-            raise RecipeError(f"AntiOutlierConfig: unknown anti_method {anti_method!r}; use 'm1' (SmoothQuant) or "
-                              "'m2' (Shift + SmoothQuant)")
-        if a_bit != 8:
+        if method not in ("m1", "m2", "m3"):
+            raise RecipeError(f"AntiOutlierConfig: unknown anti_method {anti_method!r}; use 'm1' (SmoothQuant), "
+                              "'m2' (Shift + SmoothQuant) or 'm3' (AWQ)")
+        self.plugins = [plugin_for(ALIAS, method, "AntiOutlierConfig.anti_method")]
+        if method == "m2":  # msModelSlim's m2 is its shift followed by m1's smoothing
+            self.plugins.append(plugin_for(ALIAS, "m1", "AntiOutlierConfig.anti_method"))
+        if a_bit != 8 and method != "m3":
             raise RecipeError(f"AntiOutlierConfig: anti_method {method} smooths activations for a_bit=8, got "
-                              f"a_bit={a_bit}; weight-only (a_bit=16) needs m3 (AWQ), which slimquant lacks")
+                              f"a_bit={a_bit}; weight-only (a_bit=16) takes m3 (AWQ)")
         if flex_config is not None:
             raise RecipeError("AntiOutlierConfig: flex_config belongs to m6 (flex smooth), not supported")
         if dev_type not in ("cpu", "npu", "cuda"):
@@ -48,12 +55,19 @@ class AntiOutlierConfig:
         self.device = dev_type if dev_id is None or dev_type == "cpu" else f"{dev_type}:{dev_id}"
 
     def to_recipe(self) -> Recipe:
-        smoothers = [{"name": "smoothquant", "alpha": self.alpha, "smooth_all_linears": self.smooth_all_linears}]
-        if self.anti_method == "m2":
-            smoothers.insert(0, {"name": "shift", "shift_all_linears": self.smooth_all_linears})
-        return Recipe.parse({"scheme": None, "weights": {"bits": self.w_bit, "symmetric": self.w_sym},
-                             "activations": {"bits": 8}, "algorithms": smoothers,
-                             "model": {"device": self.device}}, source="AntiOutlierConfig")
+        """The plugins' own arguments: `alpha` and `smooth_all_linears` pass by name to the plugins whose Config
+        has those fields (the shift plugin's `shift_all_linears` follows `smooth_all_linears`)."""
+        offered = {"alpha": self.alpha, "smooth_all_linears": self.smooth_all_linears,
+                   "shift_all_linears": self.smooth_all_linears}
+        smoothers = []
+        for name in self.plugins:
+            fields = load_plugin_class(name).Config.model_fields
+            smoothers.append({"name": name, **{k: v for k, v in offered.items() if k in fields}})
+        data = {"scheme": None, "weights": {"bits": self.w_bit, "symmetric": self.w_sym},
+                "algorithms": smoothers, "model": {"device": self.device}}
+        if self.a_bit == 8:
+            data["activations"] = {"bits": 8}
+        return Recipe.parse(data, source="AntiOutlierConfig")
 
 
 class AntiOutlier:

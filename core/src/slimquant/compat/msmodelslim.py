@@ -14,14 +14,15 @@ import torch
 from torch import nn
 
 from slimquant.calibration import from_user_data, generate_samples
+from slimquant.compat.aliases import plugin_for
 from slimquant.config.recipe import Recipe
 from slimquant.errors import RecipeError
+from slimquant.plugins import DEFAULT_ALGORITHM
 from slimquant.runtime.pipeline import QuantizationReport
 from slimquant.runtime.plan import name_matches
 
 log = logging.getLogger(__name__)
 
-W_METHODS = {"minmax": "minmax", "gptq": "gptq", "hqq": "hqq", "awq": "awq"}
 # msModelSlim options with no slimquant counterpart yet: (name, the value that means "off")
 UNSUPPORTED = {
     "co_sparse": False, "nonuniform": False, "is_lowbit": False, "do_smooth": False, "use_sigma": False,
@@ -44,8 +45,7 @@ class QuantConfig:
                 raise RecipeError(f"QuantConfig: {name}={value!r} is not supported by slimquant yet")
         if a_bit not in (8, 16):
             raise RecipeError(f"QuantConfig: a_bit must be 8 or 16, got {a_bit}")
-        if w_method.lower() not in W_METHODS:
-            raise RecipeError(f"QuantConfig: w_method {w_method!r} unknown; use one of MinMax, GPTQ, HQQ, AWQ")
+        method = plugin_for("msmodelslim.w_method", w_method, "QuantConfig.w_method")
         if not disable_last_linear:
             raise RecipeError("QuantConfig: disable_last_linear=False (quantizing lm_head) is not supported yet")
         if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 0:
@@ -55,7 +55,7 @@ class QuantConfig:
         self.w_bit, self.a_bit, self.w_sym, self.mm_tensor = w_bit, a_bit, w_sym, mm_tensor
         self.disable_names = list(disable_names or [])
         self.device = dev_type if dev_id is None or dev_type == "cpu" else f"{dev_type}:{dev_id}"
-        self.act_method, self.w_method, self.group_size = act_method, W_METHODS[w_method.lower()], group_size
+        self.act_method, self.w_method, self.group_size = act_method, method, group_size
         self.is_dynamic, self.open_outlier = is_dynamic, open_outlier
 
     def to_recipe(self) -> Recipe:
@@ -71,8 +71,8 @@ class QuantConfig:
         if self.a_bit == 8:
             data["activations"] = ({"bits": 8, "symmetric": True, "strategy": "token", "dynamic": True}
                                    if self.is_dynamic else {"bits": 8, "symmetric": False, "strategy": "tensor"})
-        data["algorithms"] = [{"name": "minmax", "act_method": self.act_method}]
-        if self.w_method != "minmax":
+        data["algorithms"] = [{"name": DEFAULT_ALGORITHM, "act_method": self.act_method}]
+        if self.w_method != DEFAULT_ALGORITHM:
             data["algorithms"].append({"name": self.w_method})
         return Recipe.parse(data, source="QuantConfig")
 

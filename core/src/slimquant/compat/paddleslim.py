@@ -20,6 +20,7 @@ import logging
 import torch
 from torch import nn
 
+from slimquant.compat.aliases import plugin_for
 from slimquant.config.recipe import Recipe
 from slimquant.errors import CalibrationError, RecipeError
 from slimquant.model.structure import find_decoder_layers, float_module_names, layer_linears, normalize_linears
@@ -53,7 +54,7 @@ def mse_loss(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 class PieceWiseSearch:
-    """Search arguments for Smooth(search_function=...): runs the `piecewise` plugin."""
+    """Search arguments for Smooth(search_function=...): runs the plugin declaring PaddleSlim's PieceWiseSearch."""
 
     def __init__(self, k_piece: int = 1, bits_length: int = 8, search_piece: bool = False,
                  search_alpha_min: float = 0.2, search_alpha_max: float = 0.8, search_scale_min: float = 1.0,
@@ -64,7 +65,7 @@ class PieceWiseSearch:
             raise RecipeError("PieceWiseSearch: use_clip / search_clip are not supported by slimquant")
         if loss_function is not mse_loss:
             raise RecipeError("PieceWiseSearch: only loss_function=mse_loss is supported")
-        self.args = {"name": "piecewise", "k_piece": k_piece, "bits_length": bits_length, "search_piece": search_piece,
+        self.args = {"k_piece": k_piece, "bits_length": bits_length, "search_piece": search_piece,
                      "search_alpha_min": search_alpha_min, "search_alpha_max": search_alpha_max,
                      "search_scale_min": search_scale_min, "search_scale_max": search_scale_max,
                      "weight_quant_method": weight_quant_method, "act_quant_method": act_quant_method, **extra}
@@ -93,7 +94,7 @@ class _HookedSmoothing:
         self.model, self.step = model, 0
         recipe = Recipe.parse({"scheme": "W8A8", "algorithms": [algorithm]}, source=type(self).__name__)
         plan = plan_algorithms(recipe)
-        self.hook, self.algorithm = plan.plugins.hook, algorithm["name"]
+        self.plugins, self.algorithm = plan.plugins, algorithm["name"]
         normalize_linears(model)
         prefix, layers = find_decoder_layers(model)
         per_layer = [layer_linears(layer, f"{prefix}.{i}") for i, layer in enumerate(layers)]
@@ -119,7 +120,8 @@ class _HookedSmoothing:
 
     def _observe(self, ctx, name):
         def hook(module, inputs, output):
-            self.hook.observe(ctx=ctx, name=name, module=module, inputs=inputs[0].detach(), output=output)
+            self.plugins.call(self.algorithm, "observe", ctx=ctx, name=name, module=module,
+                              inputs=inputs[0].detach(), output=output)
         return hook
 
     @torch.no_grad()
@@ -131,7 +133,7 @@ class _HookedSmoothing:
             raise CalibrationError(f"{type(self).__name__}.update_weight(): no data went through the model yet")
         for ctx in self.contexts:
             ctx.phase = "smooth"
-            self.hook.smooth(ctx=ctx, algorithm=self.algorithm)
+            self.plugins.call(self.algorithm, "smooth", ctx=ctx)
             ctx.clear_state()
             ctx.inputs.clear()
 
@@ -144,9 +146,10 @@ class Smooth(_HookedSmoothing):
         common = {"smooth_all_linears": smooth_all_linears, "skip": _skips(model_config),
                   **_sampler_args(sample_function)}
         if search_function is None:
-            algorithm = {"name": "smoothquant", "alpha": alpha, **common}
+            algorithm = {"name": plugin_for("paddleslim", "Smooth", "Smooth"), "alpha": alpha, **common}
         elif isinstance(search_function, PieceWiseSearch):
-            algorithm = {**search_function.args, **common}
+            name = plugin_for("paddleslim", "PieceWiseSearch", "Smooth(search_function=PieceWiseSearch())")
+            algorithm = {"name": name, **search_function.args, **common}
         else:
             raise RecipeError(f"search_function must be PieceWiseSearch(...) or None, got {search_function!r}")
         super().__init__(model, algorithm)
@@ -157,5 +160,5 @@ class Shift(_HookedSmoothing):
 
     def __init__(self, model: nn.Module, model_config: dict | None = None, shift_all_linears: bool = False,
                  sample_function=None):
-        super().__init__(model, {"name": "shift", "shift_all_linears": shift_all_linears,
+        super().__init__(model, {"name": plugin_for("paddleslim", "Shift", "Shift"), "shift_all_linears": shift_all_linears,
                                  "skip": _skips(model_config), **_sampler_args(sample_function)})

@@ -1,7 +1,8 @@
-"""Saving quantized models: the msModelSlim layout (safetensors / numpy) written atomically.
+"""Saving quantized models, atomically, in the formats of the installed exporter plugins.
 
-`save_quantized` is what the Calibrator API and the CLI call; the formats themselves are `export` hook
-implementations (`slimquant.export.ascend.AscendExporter`, entry point `ascend`).
+`save_quantized` is what the Calibrator API and the CLI call. Each format is an exporter found through the
+entry-point group `slimquant.exporters` (the msModelSlim layout's `safe_tensor` and `numpy` come with the core,
+`slimquant.export.ascend`).
 """
 
 from __future__ import annotations
@@ -13,20 +14,24 @@ from pathlib import Path
 from torch import nn
 
 from slimquant.errors import OutputError
-from slimquant.export.ascend import FORMATS, AscendExporter
 from slimquant.export.atomic import atomic_output_dir, check_output_dir, remove_stale_siblings
-from slimquant.plugins import PluginSet
+from slimquant.plugins import EXPORTERS, PluginSet, installed, load_exporters
 
-__all__ = ["FORMATS", "AscendExporter", "atomic_output_dir", "check_save_args", "save_quantized"]
+__all__ = ["atomic_output_dir", "check_save_args", "formats_installed", "save_quantized"]
+
+
+def formats_installed() -> list[str]:
+    return list(installed(EXPORTERS))
 
 
 def _formats(save_type: str | Sequence[str]) -> list[str]:
     formats = [save_type] if isinstance(save_type, str) else list(save_type)
+    known = formats_installed()
     if not formats:
-        raise OutputError(f"save_type is empty; use one or more of {', '.join(FORMATS)}")
+        raise OutputError(f"save_type is empty; use one or more of {', '.join(known)}")
     for fmt in formats:
-        if fmt not in FORMATS:
-            raise OutputError(f"unknown save_type {fmt!r}; use one or more of {', '.join(FORMATS)}")
+        if fmt not in known:
+            raise OutputError(f"unknown save_type {fmt!r}; installed formats: {', '.join(known)}")
     return list(dict.fromkeys(formats))
 
 
@@ -49,14 +54,14 @@ def save_quantized(model: nn.Module, output_dir: str | os.PathLike, save_type: s
     alongside (MindIE and vLLM Ascend load tokenizer files from the weights directory).
     """
     formats, final = check_save_args(output_dir, save_type, part_file_size, overwrite)
-    plugins = PluginSet({AscendExporter.name: AscendExporter()})
+    exporters = PluginSet(load_exporters(formats))
     options = {"part_file_size": part_file_size, "linear_types": linear_types, "pack_int4": pack_int4}
     written: set[Path] = set()
     with atomic_output_dir(final, overwrite) as tmp:
         for fmt in formats:
-            files = plugins.hook.export(model=model, output_dir=tmp, fmt=fmt, options=options)
+            files = exporters.call(fmt, "export", model=model, output_dir=tmp, options=options)
             if files is None:
-                raise OutputError(f"no exporter wrote format {fmt!r}")
+                raise OutputError(f"the {fmt!r} exporter wrote nothing")
             written.update(Path(f).relative_to(tmp) for f in files)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))

@@ -1,4 +1,4 @@
-"""The `ascend` exporter plugin: msModelSlim's saved-weights layout, formats "safe_tensor" and "numpy"."""
+"""The msModelSlim-layout exporters (what MindIE on Ascend loads): formats `safe_tensor` and `numpy`."""
 
 from __future__ import annotations
 
@@ -14,33 +14,45 @@ from slimquant.hookspecs import hookimpl
 FORMATS = ("safe_tensor", "numpy")
 
 
-class AscendExporterConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    name: Literal["ascend"] = "ascend"
-
-
-class AscendExporter:
-    """Writes quant_model_weight_<type>.safetensors (or shards + index) / <kind>.npz files, and
+class _AscendLayout:
+    """quant_model_weight_<type>.safetensors (or shards + index) / <kind>.npz files, and
     quant_model_description_<type>.json. Options: part_file_size (GiB, 0 = one file), linear_types
     (QuantizationReport.linear_types(), checked against the model), pack_int4 (default True)."""
 
-    name = "ascend"
-    Config = AscendExporterConfig
-    formats = FORMATS
+    name = ""
 
-    def __init__(self, config: AscendExporterConfig | None = None):
-        self.config = config or AscendExporterConfig()
+    def __init__(self, config: BaseModel | None = None):
+        self.config = config
+
+    def write(self, layout, out_dir: Path, options: dict) -> list[Path]:
+        raise NotImplementedError
 
     @hookimpl
-    def export(self, model, output_dir, fmt, options):
-        if fmt not in FORMATS:
-            return None
+    def export(self, model, output_dir, options):
         options = options or {}
         out_dir = Path(output_dir)
         layout = build_layout(model, options.get("linear_types"), pack=options.get("pack_int4", True))
-        if fmt == "safe_tensor":
-            files = write_safetensors(layout, out_dir, options.get("part_file_size", 0) or 0)
-        else:
-            files = write_numpy(layout, out_dir)
+        files = self.write(layout, out_dir, options)
         return [*files, write_description(layout, out_dir, files)]
+
+
+class SafetensorsExporter(_AscendLayout):
+    name = "safe_tensor"
+
+    class Config(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        name: Literal["safe_tensor"] = "safe_tensor"
+
+    def write(self, layout, out_dir: Path, options: dict) -> list[Path]:
+        return write_safetensors(layout, out_dir, options.get("part_file_size", 0) or 0)
+
+
+class NumpyExporter(_AscendLayout):
+    name = "numpy"
+
+    class Config(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        name: Literal["numpy"] = "numpy"
+
+    def write(self, layout, out_dir: Path, options: dict) -> list[Path]:
+        return write_numpy(layout, out_dir)

@@ -6,27 +6,32 @@ import logging
 
 import torch
 
+from slimquant.stats import Reduce, Statistic
+
 log = logging.getLogger(__name__)
 DAMP_GROWTH = 10.0
 MAX_DAMP_TRIES = 5  # damp_percent, x10, x100, ... before falling back to the diagonal of H
 
 
-class HessianAccumulator:
-    """A running mean, so H keeps the same scale however many tokens arrive; float32 unless told otherwise."""
+class HessianAccumulator(Statistic):
+    """sum_t x_t x_t^T and the token count; `hessian` is 2/n times the sum. float32 unless told otherwise."""
+
+    reductions = {"sum": Reduce.SUM, "tokens": Reduce.SUM}
 
     def __init__(self, in_features: int, device=None, dtype: torch.dtype = torch.float32):
-        self.hessian = torch.zeros(in_features, in_features, device=device, dtype=dtype)
+        self.sum = torch.zeros(in_features, in_features, device=device, dtype=dtype)
         self.tokens = 0
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).to(self.hessian.dtype)
-        new = x.shape[0]
-        if new == 0:
+        x = x.detach().reshape(-1, x.shape[-1]).to(self.sum.dtype)
+        if x.shape[0] == 0:
             return
-        self.hessian.mul_(self.tokens / (self.tokens + new))
-        self.tokens += new
-        x = x * (2.0 / self.tokens) ** 0.5
-        self.hessian.addmm_(x.t(), x)
+        self.tokens += x.shape[0]
+        self.sum.addmm_(x.t(), x)
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        return self.sum * (2.0 / max(self.tokens, 1))
 
 
 def drop_dead_inputs(hessian: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,13 +12,18 @@ EPS = 1e-10
 def range_to_qparams(
     xmin: torch.Tensor, xmax: torch.Tensor, bits: int, symmetric: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Scale (and integer-valued zero point for asymmetric) mapping [xmin, xmax] onto the b-bit code range."""
+    """Scale (and integer-valued zero point for asymmetric) mapping [xmin, xmax] onto the b-bit code range.
+
+    The range is widened to include 0, so that zero is exactly representable (padding, ReLU outputs) and the zero
+    point is itself a code: it lies in [-2^(b-1), 2^(b-1) - 1], which int kernels and saved offsets rely on.
+    """
     lo, hi = qrange(bits)
+    xmin, xmax = torch.clamp(xmin, max=0.0), torch.clamp(xmax, min=0.0)
     if symmetric:
         absmax = torch.maximum(xmin.abs(), xmax.abs())
         return (absmax / hi).clamp_min(EPS), None
     scale = ((xmax - xmin) / (hi - lo)).clamp_min(EPS)
-    zero = torch.round(lo - xmin / scale)
+    zero = torch.round(lo - xmin / scale).clamp_(lo, hi)
     return scale, zero
 
 

@@ -8,9 +8,12 @@ from __future__ import annotations
 import torch
 
 from slimquant.quant.qweight import qrange
+from slimquant.stats import Reduce, Statistic
 
 
-class MinMax:
+class MinMax(Statistic):
+    reductions = {"min": Reduce.MIN, "max": Reduce.MAX}
+
     def __init__(self, per_channel: bool = False):
         self.per_channel = per_channel
         self.min: torch.Tensor | None = None
@@ -22,17 +25,15 @@ class MinMax:
         self.min = lo if self.min is None else torch.minimum(self.min, lo)
         self.max = hi if self.max is None else torch.maximum(self.max, hi)
 
-    def merge(self, other: MinMax) -> None:
-        if other.min is not None:
-            self.update_range(other.min, other.max)
-
     def update_range(self, lo, hi) -> None:
         self.min = lo if self.min is None else torch.minimum(self.min, lo)
         self.max = hi if self.max is None else torch.maximum(self.max, hi)
 
 
-class Histogram:
+class Histogram(Statistic):
     """Per-tensor histogram over a range that widens as batches arrive (old counts are re-binned)."""
+
+    reductions = {"counts": Reduce.MERGE}
 
     def __init__(self, bins: int = 2048):
         self.bins = bins
@@ -106,9 +107,12 @@ class Histogram:
         return float(lows[best // grid]), float(highs[best % grid])
 
 
-class TokenSample:
+class TokenSample(Statistic):
     """A uniform random sample (a reservoir) of at most `capacity` input rows, for judging candidate ranges by the
-    Linear's output error. Its buffer is allocated once, however many rows stream past."""
+    Linear's output error. Its buffer is allocated once, however many rows stream past. Copies from several
+    processes concatenate (`merge` keeps a uniform sample of capacity rows of the union)."""
+
+    reductions = {"_buffer": Reduce.CONCAT}
 
     def __init__(self, capacity: int = 2048, seed: int = 0):
         self.capacity = capacity
@@ -133,3 +137,15 @@ class TokenSample:
             taken = slots < self.capacity
             self._buffer[slots[taken].to(x.device)] = rest[taken.to(x.device)]
         self.seen += x.shape[0]
+
+    def merge(self, other: TokenSample) -> None:
+        if other.rows is None:
+            return
+        mine, theirs = self.rows, other.rows
+        rows = theirs if mine is None else torch.cat([mine, theirs.to(mine.device)])
+        seen = self.seen + other.seen
+        if rows.shape[0] > self.capacity:  # rows stand for seen tokens in proportion: sample them evenly
+            keep = torch.randperm(rows.shape[0], generator=self.generator)[: self.capacity]
+            rows = rows[keep.sort().values.to(rows.device)]
+        self._buffer = rows.clone()
+        self.seen = seen if seen <= self.capacity else max(seen, rows.shape[0])

@@ -11,9 +11,14 @@ from torch import nn
 
 from slimquant.model.subgraphs import LayerTrace, Subgraph, linear_pairs, trace_layer
 from slimquant.quant.qweight import QuantizedWeight
+from slimquant.runtime.layer_inputs import stateless_input
 from slimquant.runtime.plan import LinearPlan
 
 LayerInput = tuple[tuple, dict]  # the (args, kwargs) the decoder layer was called with
+
+
+class _BlockReached(Exception):
+    """Stops the layer's forward once the sub-block asked for has received its input."""
 
 
 def hidden_of(output) -> torch.Tensor:
@@ -42,7 +47,8 @@ class LayerContext:
     _trace: LayerTrace | None = None
 
     def state(self, plugin: str) -> dict:
-        """A plugin's private store for this layer; freed when the layer is done."""
+        """A plugin's private store for this layer: kept across the layer's smoothing, observation and quantize
+        passes, freed when the layer is done (see slimquant.hookspecs)."""
         return self._state.setdefault(plugin, {})
 
     def clear_state(self) -> None:
@@ -64,6 +70,35 @@ class LayerContext:
         for args, kwargs in (self.inputs if inputs is None else inputs):
             outs.append(hidden_of(self.layer(*args, **kwargs)))
         return outs
+
+    @torch.no_grad()
+    def block_inputs(self, block: str, max_samples: int | None = None) -> list[LayerInput]:
+        """The (args, kwargs) the sub-module `block` (a name relative to the layer, e.g. "self_attn" or "mlp", or a
+        full model name) receives on the layer's calibration inputs, as the layer is now. The layer stops at the
+        block, so nothing after it runs. At most `max_samples` calibration inputs are used (all when None)."""
+        module = self.module(block) if block.startswith(self.prefix + ".") else self.layer.get_submodule(block)
+        caught: list[LayerInput] = []
+
+        def catch(mod, args, kwargs):
+            caught.append(stateless_input(args, kwargs))
+            raise _BlockReached
+
+        handle = module.register_forward_pre_hook(catch, with_kwargs=True)
+        try:
+            for inp in self.inputs[:max_samples]:
+                try:
+                    self.run_layer([inp])
+                except _BlockReached:
+                    pass
+        finally:
+            handle.remove()
+        return caught
+
+    @torch.no_grad()
+    def run_block(self, block: str, inputs: list[LayerInput]) -> list[torch.Tensor]:
+        """Run the sub-module `block` on inputs from `block_inputs`; returns its first output per input."""
+        module = self.module(block) if block.startswith(self.prefix + ".") else self.layer.get_submodule(block)
+        return [hidden_of(module(*args, **kwargs)) for args, kwargs in inputs]
 
     @property
     def trace(self) -> LayerTrace:

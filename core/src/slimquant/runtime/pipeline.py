@@ -1,5 +1,9 @@
 """The layer-by-layer runtime: catch layer-0 inputs, then per decoder layer observe -> smooth -> observe ->
-quantize weights -> quantize activations -> swap in fake-quant Linears -> feed the next layer."""
+quantize weights -> quantize activations -> swap in fake-quant Linears -> feed the next layer.
+
+When no plugin of the run needs calibration data (round-to-nearest, HQQ, NF4), the data-free path quantizes every
+Linear straight from its weight: no sample is read or run.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from slimquant.config.recipe import Recipe
-from slimquant.errors import NonFiniteError, PluginError
+from slimquant.errors import CalibrationError, NonFiniteError, PluginError, RecipeError
 from slimquant.model.checks import check_samples
 from slimquant.model.structure import (
     find_decoder_layers,
@@ -21,8 +25,10 @@ from slimquant.model.structure import (
     normalize_linears,
     set_submodule,
 )
-from slimquant.plugins import AlgorithmPlan, hooks_of, plan_algorithms
+from slimquant.plugins import AlgorithmPlan, plan_algorithms
+from slimquant.quant.actparams import ActQParams
 from slimquant.quant.fake_linear import FakeQuantLinear, materialized_weights
+from slimquant.quant.qweight import QuantizedWeight
 from slimquant.runtime.catcher import catch_layer_inputs
 from slimquant.runtime.context import LayerContext, with_hidden
 from slimquant.runtime.linear_error import measure_linear_errors
@@ -35,7 +41,7 @@ log = logging.getLogger(__name__)
 class LayerReport:
     index: int
     seconds: float
-    output_rel_error: float  # ||quantized - float||^2 / ||float||^2 of the layer output
+    output_rel_error: float  # ||quantized - float||^2 / ||float||^2 of the layer output (0 when data-free)
     quantized: int
     kept_float: int
 
@@ -46,6 +52,7 @@ class QuantizationReport:
     plans: dict[str, LinearPlan | None] = field(default_factory=dict)
     linear_errors: dict[str, float] = field(default_factory=dict)  # relative output error per Linear
     seconds: float = 0.0
+    data_free: bool = False
 
     def linear_types(self) -> dict[str, str]:
         return {n: ("FLOAT" if p is None else p.scheme.type_name) for n, p in self.plans.items()}
@@ -63,6 +70,27 @@ def _check_finite(tensor: torch.Tensor, what: str) -> None:
         raise NonFiniteError(f"{what} holds {bad} NaN/Inf value(s)")
 
 
+def _checked_qweight(result, plugin: str, name: str, module: nn.Module) -> QuantizedWeight:
+    if not isinstance(result, QuantizedWeight):
+        raise PluginError(f"{name}: plugin {plugin!r} returned {type(result).__name__} from quantize_weight, "
+                          "not a QuantizedWeight")
+    if tuple(result.shape) != tuple(module.weight.shape):
+        raise PluginError(f"{name}: plugin {plugin!r} returned codes of shape {list(result.shape)} for a weight of "
+                          f"shape {list(module.weight.shape)}")
+    return result
+
+
+def _batches_covering(inputs, samples: int) -> int:
+    """How many leading calibration batches hold at least `samples` samples."""
+    seen = 0
+    for i, (args, kwargs) in enumerate(inputs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        seen += hidden.shape[0]
+        if seen >= samples:
+            return i + 1
+    return len(inputs)
+
+
 class LayerwiseQuantizer:
     def __init__(self, model: nn.Module, recipe: Recipe, device: torch.device,
                  algorithms: AlgorithmPlan | None = None, smooth_only: bool = False):
@@ -71,7 +99,7 @@ class LayerwiseQuantizer:
         self.recipe = recipe
         self.device = device
         self.algorithms = algorithms or plan_algorithms(recipe)
-        self.hook = self.algorithms.plugins.hook
+        self.plugins = self.algorithms.plugins
         normalize_linears(model)
         self.prefix, self.layers = find_decoder_layers(model)
         linears = {}
@@ -79,41 +107,57 @@ class LayerwiseQuantizer:
             linears.update(layer_linears(layer, f"{self.prefix}.{i}"))
         self.plans = plan_linears(recipe, self.algorithms, list(linears), float_module_names(model))
         check_group_sizes(recipe, self.plans, linears)
+        self._check_linears(linears)
+        self.needs_data = smooth_only or self.algorithms.requires_calibration_data(self.plans.values())
         self.check_finite = recipe.runtime.check_finite
         if self.check_finite:  # every tensor that will be saved, not only those calibration reaches
             for name, tensor in model.state_dict().items():
                 if tensor.is_floating_point():
                     _check_finite(tensor, name)
 
+    def _check_linears(self, linears: dict[str, nn.Linear]) -> None:
+        """Each plugin's plan-time check on every Linear it will quantize, with its real shape, before calibration."""
+        problems = []
+        for name, plan in self.plans.items():
+            if plan is not None:
+                shape = (linears[name].out_features, linears[name].in_features)
+                problems += [f"{name}: {p}" for p in self.algorithms.check(plan, name, shape)]
+        if problems:
+            more = f"\n  ... and {len(problems) - 8} more" if len(problems) > 8 else ""
+            raise RecipeError("the plugins cannot quantize these Linears as planned:\n  "
+                              + "\n  ".join(problems[:8]) + more)
+
     # -- passes ------------------------------------------------------------------------------------------
 
-    def _observe_pass(self, ctx: LayerContext, targets: list[str], keep: int | None = None) -> list[torch.Tensor]:
-        """Run the calibration inputs through the layer with `observe` on each target Linear; return the outputs of
-        the first `keep` inputs (all when None). On the other inputs the layer stops as soon as every target has
-        seen its input: observing q/k/v needs neither attention nor the MLP."""
+    def _observe_pass(self, ctx: LayerContext, targets: dict[str, list[str]], keep: int = 0) -> list[torch.Tensor]:
+        """Run the calibration inputs through the layer, showing each target Linear's input to its observers
+        (`targets`: Linear name -> plugin names); return the outputs of the first `keep` inputs. On the other inputs
+        the layer stops as soon as every target has seen its input: observing q/k/v needs neither attention nor MLP."""
         pending: set[str] = set()
 
-        def make_hook(name):
+        def make_hook(name, observers):
             def hook(module, inputs, output):
                 x = inputs[0]
                 if self.check_finite:
                     _check_finite(x, f"input activation of {name}")
-                self.hook.observe(ctx=ctx, name=name, module=module, inputs=x, output=output)
+                for plugin in observers:
+                    self.plugins.call(plugin, "observe", ctx=ctx, name=name, module=module, inputs=x, output=output)
                 if pending:
                     pending.discard(name)
                     if not pending:
                         raise _AllObserved
             return hook
 
-        handles = [ctx.module(name).register_forward_hook(make_hook(name)) for name in targets]
+        handles = [ctx.module(name).register_forward_hook(make_hook(name, observers))
+                   for name, observers in targets.items() if observers]
         outs = []
         try:
             with materialized_weights(ctx.layer):
                 for i, inp in enumerate(ctx.inputs):
-                    finish = keep is None or i < keep
+                    finish = i < keep
                     pending.clear()
                     if not finish:
-                        pending.update(targets)
+                        pending.update(n for n, o in targets.items() if o)
                     try:
                         out = ctx.run_layer([inp])[0]
                     except _AllObserved:
@@ -125,36 +169,38 @@ class LayerwiseQuantizer:
             for h in handles:
                 h.remove()
 
-    def _quantize_linear(self, ctx: LayerContext, name: str, plan: LinearPlan) -> None:
-        module = ctx.module(name)
-        qweight = self.hook.quantize_weight(ctx=ctx, name=name, module=module, args=plan.scheme.weights,
-                                            algorithm=plan.weight_algorithm)
-        if qweight is None:
-            raise PluginError(f"{name}: no plugin quantized it with algorithm {plan.weight_algorithm!r}")
+    def _quantize_linear(self, ctx: LayerContext, name: str, plan: LinearPlan, module: nn.Module,
+                         parent: nn.Module, prefix: str) -> None:
+        algorithm = plan.weight_algorithm
+        try:
+            result = self.plugins.call(algorithm, "quantize_weight", ctx=ctx, name=name, module=module,
+                                       args=plan.scheme.weights)
+        except ValueError as exc:  # QuantizedWeight's own validation, raised inside the plugin
+            if isinstance(exc, RecipeError):
+                raise
+            raise PluginError(f"{name}: plugin {algorithm!r} built an invalid QuantizedWeight: {exc}") from exc
+        if result is None:
+            raise PluginError(f"{name}: plugin {algorithm!r} has no quantize_weight hook")
+        qweight = _checked_qweight(result, algorithm, name, module)
         if self.check_finite:
             _check_finite(qweight.scale, f"{name} weight scale")
         ctx.qweights[name] = qweight
         act = None
         if plan.scheme.activations is not None:
-            act = self.hook.quantize_act(ctx=ctx, name=name, module=module, args=plan.scheme.activations,
-                                         algorithm=plan.act_algorithm)
-            if act is None:
-                raise PluginError(f"{name}: no plugin quantized its input with {plan.act_algorithm!r}")
+            act = self.plugins.call(plan.act_algorithm, "quantize_act", ctx=ctx, name=name, module=module,
+                                    args=plan.scheme.activations)
+            if not isinstance(act, ActQParams):
+                raise PluginError(f"{name}: plugin {plan.act_algorithm!r} returned {type(act).__name__} from "
+                                  "quantize_act, not ActQParams")
         fake = FakeQuantLinear(qweight, module.bias, act, compute_dtype=module.weight.dtype)
-        set_submodule(ctx.layer, name[len(ctx.prefix) + 1:], fake.to(self.device))
+        set_submodule(parent, name[len(prefix) + 1:], fake.to(self.device))
 
-    def _needs_observation(self, plans: list[LinearPlan]) -> bool:
-        for plugin in self.algorithms.plugins.plugins.values():
-            if "observe" in hooks_of(type(plugin)):
-                observes = getattr(plugin, "observes", None)
-                if observes is None or any(observes(plan) for plan in plans):
-                    return True
-        return False
+    def _observers(self, plans: dict[str, LinearPlan | None], names: list[str]) -> dict[str, list[str]]:
+        return {n: self.algorithms.observers(plans[n]) for n in names}
 
     def _sequential_groups(self, ctx: LayerContext) -> list[list[str]]:
         names = ctx.quantized_names()
-        wants = any(getattr(p, "true_sequential", False) for p in self.algorithms.plugins.plugins.values())
-        if not wants:
+        if not self.algorithms.sequential([ctx.plans[n] for n in names]):
             return [names]
         groups = [[n for n in g if n in names] for g in ctx.trace.groups]
         return [g for g in groups if g]
@@ -162,7 +208,14 @@ class LayerwiseQuantizer:
     # -- the run ----------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def run(self, samples: list[torch.Tensor]) -> QuantizationReport:
+    def run(self, samples: list[torch.Tensor] | None = None) -> QuantizationReport:
+        """Quantize the model in place. `samples` None takes the data-free path (when no plugin needs data);
+        with samples, each layer's and Linear's error against float is measured on them as well."""
+        if samples is None:
+            if self.needs_data:
+                raise CalibrationError("this recipe needs calibration data (its plugins observe activations or "
+                                       "smooth): give samples")
+            return self._run_data_free()
         check_samples(samples, self.model)
         report = QuantizationReport(plans=dict(self.plans))
         start = time.perf_counter()
@@ -177,6 +230,28 @@ class LayerwiseQuantizer:
         report.seconds = time.perf_counter() - start
         return report
 
+    def _run_data_free(self) -> QuantizationReport:
+        """Every Linear quantized from its weight alone, layer by layer on the work device; nothing is run."""
+        report = QuantizationReport(plans=dict(self.plans), data_free=True)
+        start = time.perf_counter()
+        for index in tqdm(range(len(self.layers)), desc="layers", disable=not self.recipe.runtime.progress,
+                          leave=False):
+            started = time.perf_counter()
+            layer = self.layers[index].to(self.device)
+            prefix = f"{self.prefix}.{index}"
+            linears = layer_linears(layer, prefix)
+            quantized = [n for n in linears if self.plans.get(n) is not None]
+            ctx = LayerContext(index, prefix, layer, self.device, linears, {n: self.plans.get(n) for n in linears}, [])
+            ctx.phase = "quantize"
+            for name in quantized:
+                self._quantize_linear(ctx, name, self.plans[name], linears[name], layer, prefix)
+            if self.recipe.runtime.offload_layers and self.device.type != "cpu":
+                self.layers[index].to("cpu")
+            report.layers.append(LayerReport(index, time.perf_counter() - started, 0.0, len(quantized),
+                                             len(linears) - len(quantized)))
+        report.seconds = time.perf_counter() - start
+        return report
+
     def _catch(self, samples):
         if self.device.type != "cpu":  # everything but the decoder layers goes to the work device
             for module in self.model.children():
@@ -184,10 +259,18 @@ class LayerwiseQuantizer:
             self.layers.to("cpu")
         try:
             self.layers[0].to(self.device)
-            return catch_layer_inputs(self.model, self.layers, samples, self.device, self.recipe.runtime.progress)
+            return catch_layer_inputs(self.model, self.layers, samples, self.device, self.recipe.runtime.progress,
+                                      self.recipe.runtime.batch_tokens)
         finally:
             if self.device.type != "cpu":
                 self.model.to("cpu")
+
+    def _smooth(self, ctx: LayerContext, quantized: list[str]) -> None:
+        ctx.phase = "smooth"
+        for smoother in self.algorithms.smoothers:  # each sees the layer as the previous one left it
+            self._observe_pass(ctx, {n: [smoother] for n in quantized})
+            self.plugins.call(smoother, "smooth", ctx=ctx)
+            ctx._trace = None  # the rewrite may have changed what the trace recorded (biases, scales)
 
     def _run_layer(self, index: int, inputs, linear_errors: dict[str, float]):
         started = time.perf_counter()
@@ -199,32 +282,27 @@ class LayerwiseQuantizer:
         quantized = ctx.quantized_names()
 
         if self.algorithms.smoothers and quantized:
-            ctx.phase = "smooth"
-            for smoother in self.algorithms.smoothers:  # each sees the layer as the previous one left it
-                self._observe_pass(ctx, quantized, keep=0)
-                self.hook.smooth(ctx=ctx, algorithm=smoother)
-                ctx.clear_state()
-                ctx._trace = None
+            self._smooth(ctx, quantized)
         if self.smooth_only:
             outs = ctx.run_layer()
+            ctx.clear_state()
             if self.recipe.runtime.offload_layers and self.device.type != "cpu":
                 self.layers[index].to("cpu")
             return ([with_hidden(inp, out) for inp, out in zip(inputs, outs, strict=True)],
                     LayerReport(index, time.perf_counter() - started, 0.0, 0, len(linears)))
 
         ctx.phase = "quantize"
-        k = self.recipe.runtime.error_samples  # samples on which errors against float are measured
+        k = _batches_covering(inputs, self.recipe.runtime.error_samples)  # errors against float are measured there
         float_out = None
-        for i, group in enumerate(self._sequential_groups(ctx) if quantized else []):
-            if i > 0:
-                ctx.clear_state()
-            if self._needs_observation([plans[n] for n in group]):
-                outs = self._observe_pass(ctx, group, keep=k if float_out is None else 0)
+        for group in self._sequential_groups(ctx) if quantized else []:
+            observers = self._observers(plans, group)
+            if any(observers.values()):
+                outs = self._observe_pass(ctx, observers, keep=k if float_out is None else 0)
                 float_out = float_out if float_out is not None else outs
             elif float_out is None:
                 float_out = ctx.run_layer(inputs[:k])
             for name in group:
-                self._quantize_linear(ctx, name, plans[name])
+                self._quantize_linear(ctx, name, plans[name], ctx.module(name), layer, prefix)
         if float_out is None:
             float_out = ctx.run_layer(inputs[:k])
 

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from slimquant.config.recipe import LayerOverride, Recipe
 from slimquant.config.scheme import PRESETS, Scheme
 from slimquant.errors import RecipeError
-from slimquant.plugins import AlgorithmPlan
 
 
 @dataclass(frozen=True)
@@ -41,7 +40,7 @@ def _check_patterns(patterns: list[str], names: list[str], where: str) -> None:
             raise RecipeError(f"{where}[{i}]: {pattern!r} matches no layer of the model{hint}")
 
 
-def _apply_override(scheme: Scheme, override: LayerOverride) -> Scheme:
+def override_scheme(scheme: Scheme, override: LayerOverride) -> Scheme:
     base = PRESETS[override.scheme] if override.scheme else scheme
     weights = override.weights or base.weights
     activations = override.activations or base.activations
@@ -50,7 +49,7 @@ def _apply_override(scheme: Scheme, override: LayerOverride) -> Scheme:
     return Scheme(weights=weights, activations=activations)
 
 
-def plan_linears(recipe: Recipe, algorithms: AlgorithmPlan, linear_names: list[str],
+def plan_linears(recipe: Recipe, algorithms, linear_names: list[str],
                  float_names: list[str] = ()) -> dict[str, LinearPlan | None]:
     """A plan per quantizable Linear; None means it stays in float. Unmatched names fail loudly."""
     _check_patterns(recipe.ignore, list(linear_names) + list(float_names), "ignore")
@@ -65,7 +64,7 @@ def plan_linears(recipe: Recipe, algorithms: AlgorithmPlan, linear_names: list[s
         scheme, algorithm = base, algorithms.weight_algorithm
         for override in recipe.overrides:
             if any(name_matches(p, name) for p in override.targets):
-                scheme = _apply_override(scheme, override)
+                scheme = override_scheme(scheme, override)
                 algorithm = override.algorithm or algorithm
         plans[name] = LinearPlan(scheme, algorithm, algorithms.act_algorithm)
     return plans

@@ -8,7 +8,6 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from slimquant.config.scheme import Strategy
-from slimquant.errors import RecipeError
 from slimquant.hookspecs import hookimpl
 from slimquant.quant.hessian import HessianAccumulator
 from slimquant.quant.math import quantize_weight_with
@@ -32,36 +31,45 @@ class GPTQConfig(BaseModel):
 class GPTQPlugin:
     name = "gptq"
     Config = GPTQConfig
+    requires_calibration_data = True  # the Hessian of each Linear's inputs
+    aliases = {"msmodelslim.w_method": "GPTQ"}
 
     def __init__(self, config: GPTQConfig):
         self.config = config
+        self.sequential = config.true_sequential
 
-    @property
-    def true_sequential(self) -> bool:  # read by the runtime
-        return self.config.true_sequential
+    @hookimpl
+    def check(self, plan, name, shape):
+        if plan.weight_algorithm == self.name and plan.scheme.weights.strategy == Strategy.TENSOR:
+            return ["weights.strategy: gptq quantizes weights per channel or per group, not per tensor"]
+        return None
+
+    def observes(self, plan) -> bool:
+        return plan.weight_algorithm == self.name
 
     @hookimpl
     def observe(self, ctx, name, module, inputs, output):
-        plan = ctx.plan(name)
-        if ctx.phase != "quantize" or plan is None or plan.weight_algorithm != self.name:
-            return
         state = ctx.state(self.name)
+        last = state.get("last input")
+        if last is not None and last[0] is inputs:  # q/k/v (gate/up) read one tensor: one Hessian serves them all
+            state.setdefault(name, last[1])
+            if state[name] is last[1]:
+                return
         if name not in state:
             state[name] = HessianAccumulator(module.in_features, device=inputs.device)
         state[name].add(inputs)
+        state["last input"] = (inputs, state[name])
 
     @hookimpl
-    def quantize_weight(self, ctx, name, module, args, algorithm):
-        if algorithm != self.name:
-            return None
-        if args.strategy == Strategy.TENSOR:
-            raise RecipeError(f"{name}: gptq quantizes weights per channel or per group, not per tensor")
+    def quantize_weight(self, ctx, name, module, args):
         group_size = args.group_size if args.strategy == Strategy.GROUP else None
         c = self.config
         settings = GPTQSettings(bits=args.bits, symmetric=args.symmetric, group_size=group_size,
                                 damp_percent=c.damp_percent, block_size=c.block_size, act_order=c.act_order,
                                 static_groups=c.static_groups, mse=c.mse)
-        hessian = ctx.state(self.name).pop(name, None)
+        state = ctx.state(self.name)
+        state.pop("last input", None)
+        hessian = state.pop(name, None)
         if hessian is None or hessian.tokens == 0:  # e.g. an MoE expert the router never chose
             log.info("%s: no calibration token reached it; rounding to nearest instead of GPTQ", name)
             w = module.weight.detach().float()

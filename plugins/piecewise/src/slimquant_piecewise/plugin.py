@@ -73,12 +73,14 @@ def kmeans_1d(values: torch.Tensor, k: int, iters: int = 50) -> torch.Tensor:
 class PieceWiseSearchPlugin:
     name = "piecewise"
     Config = PieceWiseConfig
+    requires_calibration_data = True  # its scales come from activation ranges
+    aliases = {"paddleslim": "PieceWiseSearch"}
 
     def __init__(self, config: PieceWiseConfig):
         self.config = config
 
     def observes(self, plan) -> bool:
-        return False  # it observes in the smoothing pass only
+        return False  # it observes in its own smoothing pass only
 
     @hookimpl
     def observe(self, ctx, name, module, inputs, output):
@@ -89,9 +91,7 @@ class PieceWiseSearchPlugin:
         ctx.state(self.name + ".sample").setdefault(name, TokenSample(c.sample_tokens)).update(inputs)
 
     @hookimpl
-    def smooth(self, ctx, algorithm):
-        if algorithm != self.name:
-            return
+    def smooth(self, ctx):
         ranges, samples = ctx.state(self.name), ctx.state(self.name + ".sample")
         guard = smoothing.Guard(ctx, self.name)
         for unit in smoothing.units(ctx, self.config.smooth_all_linears, self.config.skip):

@@ -36,21 +36,21 @@ class SmoothQuantConfig(BaseModel):
 class SmoothQuantPlugin:
     name = "smoothquant"
     Config = SmoothQuantConfig
+    requires_calibration_data = True  # its scales come from activation ranges
+    aliases = {"msmodelslim.anti_method": "m1", "paddleslim": "Smooth"}
 
     def __init__(self, config: SmoothQuantConfig):
         self.config = config
 
     def observes(self, plan) -> bool:
-        return False  # it observes in the smoothing pass only
+        return False  # it observes in its own smoothing pass only
 
     @hookimpl
     def observe(self, ctx, name, module, inputs, output):
         smoothing.record_range(ctx, self.name, name, inputs, self.config.sampler, self.config.ema_decay)
 
     @hookimpl
-    def smooth(self, ctx, algorithm):
-        if algorithm != self.name:
-            return
+    def smooth(self, ctx):
         ranges = ctx.state(self.name)
         guard = smoothing.Guard(ctx, self.name)
         for unit in smoothing.units(ctx, self.config.smooth_all_linears, self.config.skip):
