@@ -14,8 +14,8 @@ from torch import nn
 
 from slimquant.compat.aliases import plugin_for
 from slimquant.config.recipe import Recipe
-from slimquant.plugins import load_plugin_class
 from slimquant.errors import CalibrationError, RecipeError
+from slimquant.plugins import load_plugin_class
 from slimquant.runtime.pipeline import QuantizationReport
 
 log = logging.getLogger(__name__)

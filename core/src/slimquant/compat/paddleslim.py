@@ -160,5 +160,6 @@ class Shift(_HookedSmoothing):
 
     def __init__(self, model: nn.Module, model_config: dict | None = None, shift_all_linears: bool = False,
                  sample_function=None):
-        super().__init__(model, {"name": plugin_for("paddleslim", "Shift", "Shift"), "shift_all_linears": shift_all_linears,
+        name = plugin_for("paddleslim", "Shift", "Shift")
+        super().__init__(model, {"name": name, "shift_all_linears": shift_all_linears,
                                  "skip": _skips(model_config), **_sampler_args(sample_function)})
