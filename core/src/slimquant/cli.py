@@ -54,17 +54,20 @@ def _setup_logging(verbose: bool) -> None:
 
 @app.command("plugins")
 def plugins_command() -> None:
-    """List installed algorithm plugins: name, distribution, version and the hooks each implements."""
+    """List installed plugins: algorithms and output formats, with distribution, version, hooks and capabilities."""
     from slimquant import plugins as registry
 
-    table = Table("algorithm", "distribution", "version", "hooks", title="slimquant plugins")
-    for name, info in registry.installed().items():
-        try:
-            hooks = ", ".join(registry.hooks_of(registry.load_plugin_class(name)))
-        except SlimquantError as exc:
-            hooks = f"[red]broken: {exc}[/]"
-        table.add_row(name, info.distribution, info.version, hooks)
-    Console().print(table)
+    for group, title in ((registry.ALGORITHMS, "algorithms"), (registry.EXPORTERS, "output formats")):
+        table = Table("name", "distribution", "version", "hooks", "needs data", title=f"slimquant {title}")
+        for name, info in registry.installed(group).items():
+            try:
+                cls = registry.load_plugin_class(name, group)
+                hooks = ", ".join(registry.hooks_of(cls))
+                data = "yes" if registry.requires_calibration_data(cls) else "no"
+            except SlimquantError as exc:
+                hooks, data = f"[red]broken: {escape(str(exc))}[/]", "?"
+            table.add_row(name, info.distribution, info.version, hooks, data if group == registry.ALGORITHMS else "")
+        Console().print(table)
 
 
 @app.command("quantize")
@@ -88,7 +91,8 @@ def quantize_command(
     eval_text: Annotated[Optional[Path], typer.Option(help="text file for perplexity before/after")] = None,
     eval_windows: Annotated[int, typer.Option(help="perplexity windows")] = 8,
     eval_window: Annotated[int, typer.Option(help="tokens per perplexity window")] = 2048,
-    kl_samples: Annotated[int, typer.Option(help="self-generated samples for KL / top-1 (0 = skip)")] = 4,
+    kl_samples: Annotated[Optional[int], typer.Option(
+        help="self-generated samples for KL / top-1 (0 = skip; default 4, or 0 on a data-free run)")] = None,
     layer_report: Annotated[Optional[Path], typer.Option(help="write per-Linear errors (JSON) here")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log each layer")] = False,
 ) -> None:

@@ -161,6 +161,13 @@ def _check_owned_tensors(files: QuantizedFiles, name: str, meta: LinearMeta) -> 
                           "does not account for (bias, g_idx, act, int_kernel and extras say which tensors it has)")
 
 
+def _codebook(files: QuantizedFiles, name: str, meta: LinearMeta) -> torch.Tensor | None:
+    if not meta.codebook:
+        return None
+    key = _required(files, name, "weight_codebook", "a codebook grid (codebook: true)")
+    return _float_values(key, _tensor(files, key, (2 ** meta.bits,)))
+
+
 def read_linear(files: QuantizedFiles, name: str, meta: LinearMeta
                 ) -> tuple[QuantizedWeight, torch.Tensor | None, ActQParams | None]:
     """The saved quantized Linear `name` (weight, bias, activation parameters), every tensor checked against
@@ -171,9 +178,12 @@ def read_linear(files: QuantizedFiles, name: str, meta: LinearMeta
     zero = _weight_offset(files, name, meta)
     g_idx = _g_idx(files, name, meta)
     extras = {e: files.get(f"{name}.{e}") for e in meta.extras}
+    codebook = _codebook(files, name, meta)
+    if codebook is not None:
+        zero = None
     bias = _bias(files, name, meta)
     try:
-        qweight = QuantizedWeight(codes, scale, zero, meta.bits, meta.group_size or None, g_idx, extras)
+        qweight = QuantizedWeight(codes, scale, zero, meta.bits, meta.group_size or None, g_idx, extras, codebook)
         act = _act(files, name, meta)
     except ValueError as exc:
         raise OutputError(f"{name}: saved quantization parameters are invalid: {exc}") from None

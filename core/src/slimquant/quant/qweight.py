@@ -1,9 +1,10 @@
 """Integer weight codes with their scales: what every weight algorithm returns and every exporter reads.
 
 Codes are signed: a b-bit code lies in [-2^(b-1), 2^(b-1) - 1] for symmetric and asymmetric schemes alike,
-so any 2-8 bit code fits int8. Dequantization is `(code - zero) * scale`, with the scale and zero of the
-code's group. `g_idx[i]` names the group of input channel i; contiguous groups are
-`arange(in_features) // group_size` and the last group may be shorter than group_size.
+so any 1-8 bit code fits int8. Dequantization is `(code - zero) * scale`, with the scale and zero of the
+code's group; the zero point may be fractional (HQQ). On a codebook (non-uniform) grid such as NF4 it is
+`codebook[code + 2^(b-1)] * scale`, with no zero point. `g_idx[i]` names the group of input channel i;
+contiguous groups are `arange(in_features) // group_size` and the last group may be shorter than group_size.
 """
 
 from __future__ import annotations
@@ -28,10 +29,15 @@ def num_groups(in_features: int, group_size: int | None) -> int:
 
 
 def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group_size: int | None,
-                     g_idx: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """`(code - zero) * scale` per group, without checking the codes (FakeQuantLinear calls it on every forward)."""
+                     g_idx: torch.Tensor | None = None, dtype: torch.dtype = torch.float32,
+                     codebook: torch.Tensor | None = None) -> torch.Tensor:
+    """`(code - zero) * scale` per group, or `codebook[code] * scale` on a codebook grid, without checking the
+    codes (FakeQuantLinear calls it on every forward)."""
     rows, cols = codes.shape
-    w = codes.to(scale.dtype)
+    if codebook is None:
+        w = codes.to(scale.dtype)
+    else:
+        w = codebook.to(scale.dtype)[(codes.to(torch.int64) - qrange(len(codebook).bit_length() - 1)[0])]
     groups = scale.shape[1]
     if groups == 1 or (g_idx is None and groups * group_size == cols):  # one or equal contiguous groups: a view
         grouped = w.view(rows, groups, cols // groups)
@@ -54,6 +60,7 @@ class QuantizedWeight:
     group_size: int | None  # None: one group per output channel (per-channel)
     g_idx: torch.Tensor | None = None  # int32 [in]; None means contiguous groups
     extras: dict[str, torch.Tensor] = field(default_factory=dict)  # algorithm-specific tensors to save
+    codebook: torch.Tensor | None = None  # float32 [2^bits]: code c stands for codebook[c + 2^(bits-1)] (NF4)
 
     def __post_init__(self):
         out_features, in_features = self.codes.shape
@@ -67,6 +74,17 @@ class QuantizedWeight:
             raise ValueError(f"codes must be int8, got {self.codes.dtype}")
         if self.codes.numel() and (int(self.codes.min()) < lo or int(self.codes.max()) > hi):
             raise ValueError(f"codes outside the {self.bits}-bit range [{lo}, {hi}]")
+        if not self.scale.is_floating_point() or (self.zero is not None and not self.zero.is_floating_point()):
+            raise ValueError("scale and zero must be floating-point (a zero point may be fractional)")
+        if self.codebook is not None:
+            book = self.codebook
+            if not book.is_floating_point() or tuple(book.shape) != (2 ** self.bits,):
+                raise ValueError(f"codebook must be a float tensor of {2 ** self.bits} values for {self.bits}-bit "
+                                 f"codes, got {book.dtype} {list(book.shape)}")
+            if not torch.isfinite(book).all():
+                raise ValueError("codebook holds NaN or Inf")
+            if self.zero is not None:
+                raise ValueError("a codebook grid has no zero point (its values are scaled, not shifted)")
 
     @property
     def symmetric(self) -> bool:
@@ -82,12 +100,12 @@ class QuantizedWeight:
         return contiguous_g_idx(self.codes.shape[1], self.group_size, self.codes.device).long()
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return dequantize_codes(self.codes, self.scale, self.zero, self.group_size, self.g_idx, dtype)
+        return dequantize_codes(self.codes, self.scale, self.zero, self.group_size, self.g_idx, dtype, self.codebook)
 
     def to(self, device) -> QuantizedWeight:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return QuantizedWeight(
             codes=move(self.codes), scale=move(self.scale), zero=move(self.zero), bits=self.bits,
             group_size=self.group_size, g_idx=move(self.g_idx),
-            extras={k: v.to(device) for k, v in self.extras.items()},
+            extras={k: v.to(device) for k, v in self.extras.items()}, codebook=move(self.codebook),
         )

@@ -5,16 +5,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-slimquant_gptq = pytest.importorskip("slimquant_gptq")
-
-from tiny_models import tiny_model, token_samples  # noqa: E402
-
-import slimquant  # noqa: E402
-from slimquant.config.scheme import WeightArgs  # noqa: E402
-from slimquant.eval.divergence import divergence, logits_of  # noqa: E402
-from slimquant.quant.hessian import HessianAccumulator, inverse_hessian_factor  # noqa: E402
-from slimquant.quant.math import quantize_weight_with, weight_qparams  # noqa: E402
-from slimquant_gptq import GPTQ, GPTQPlugin, GPTQSettings, gptq_quantize  # noqa: E402
+import slimquant
+from slimquant.config.scheme import WeightArgs
+from slimquant.eval.divergence import divergence, logits_of
+from slimquant.quant.hessian import HessianAccumulator, inverse_hessian_factor
+from slimquant.quant.math import quantize_weight_with, weight_qparams
+from slimquant.testing import check_plugin, tiny_model, token_samples
+from slimquant_gptq import GPTQ, GPTQPlugin, GPTQSettings, gptq_quantize
 
 
 def correlated_inputs(n=2048, d=64, seed=0, rank=16):
@@ -154,3 +151,35 @@ def test_bad_arguments_are_named():
         plan_algorithms(slimquant.Recipe.parse({"algorithms": [{"name": "gptq", "damp_percent": 2}]}))
     with pytest.raises(slimquant.errors.RecipeError, match="act_ordr"):
         plan_algorithms(slimquant.Recipe.parse({"algorithms": [{"name": "gptq", "act_ordr": True}]}))
+
+
+def test_contract_on_every_architecture():
+    changes = check_plugin(GPTQPlugin, args={"mse": False}, scheme="W8A16")
+    assert all(change < 0.5 for change in changes.values()), changes
+
+
+def test_per_tensor_weights_are_refused_at_plan_time():
+    from slimquant.errors import RecipeError
+    from slimquant.plugins import plan_algorithms
+
+    with pytest.raises(RecipeError, match="weights.strategy: gptq quantizes weights per channel or per group"):
+        plan_algorithms(slimquant.Recipe.parse({"weights": {"bits": 8, "strategy": "tensor"}, "algorithms": ["gptq"]}))
+
+
+def test_q_k_v_share_one_hessian():
+    """q/k/v read one tensor: the plugin accumulates its Hessian once and hands the same one to all three."""
+    plugin = GPTQPlugin(GPTQPlugin.Config())
+    state: dict = {}
+    ctx = SimpleNamespace(state=lambda name: state)
+    x = torch.randn(2, 5, 16)
+    for name in ("q", "k", "v"):
+        plugin.observe(ctx=ctx, name=name, module=torch.nn.Linear(16, 4), inputs=x, output=None)
+    assert state["q"] is state["k"] is state["v"] and state["q"].tokens == 10
+    y = torch.randn(2, 5, 16)
+    for name in ("q", "k", "v"):
+        plugin.observe(ctx=ctx, name=name, module=torch.nn.Linear(16, 4), inputs=y, output=None)
+    assert state["q"] is state["v"] and state["q"].tokens == 20
+    expected = HessianAccumulator(16)
+    expected.add(x)
+    expected.add(y)
+    assert torch.allclose(state["k"].hessian, expected.hessian)
