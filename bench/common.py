@@ -181,12 +181,15 @@ def quantize_and_measure(name: str, recipe: dict | None, samples_fn=None) -> dic
     model, tokenizer = load_fp32()
     result = {"case": name, "model_mb": round(model_mb(model), 1), "rss_after_load_mb": round(current_rss_mb(), 1)}
     if recipe is not None:
-        samples = (samples_fn or calib_samples)(tokenizer)
+        data_free = recipe.get("data_free", False)  # no samples: the runtime's data-free path
+        recipe = {k: v for k, v in recipe.items() if k != "data_free"}
+        samples = None if data_free else (samples_fn or calib_samples)(tokenizer)
         release_free_memory()
         reset_peak_rss()
         result["rss_before_quant_mb"] = round(current_rss_mb(), 1)
         with Timer() as t:
-            slimquant.quantize(model, {**recipe, "runtime": {"progress": False}}, samples=samples)
+            runtime = {"progress": False, **recipe.get("runtime", {})}
+            slimquant.quantize(model, {**recipe, "runtime": runtime}, samples=samples)
         result.update(quant_seconds=round(t.seconds, 1), peak_rss_quant_mb=round(peak_rss_mb(), 1))
     result["ppl"] = round(perplexity(model, eval_tokens(tokenizer)), 3)
     return result

@@ -289,3 +289,31 @@ def test_statistics_split_over_processes_reduce_to_the_whole():
     assert merged.counts.sum() == whole.counts.sum() and (merged.lo, merged.hi) == (whole.lo, whole.hi)
     whole, merged = fed(lambda: TokenSample(40))
     assert merged.rows.shape == whole.rows.shape
+
+
+def test_in_a_smoothing_pass_only_that_smoother_observes(monkeypatch):
+    import functools
+
+    pytest.importorskip("slimquant_shift")
+    pytest.importorskip("slimquant_smoothquant")
+    from slimquant_shift.plugin import ShiftPlugin
+    from slimquant_smoothquant.plugin import SmoothQuantPlugin
+
+    events = []
+    for cls in (ShiftPlugin, SmoothQuantPlugin):
+        for hook in ("observe", "smooth"):
+            original = getattr(cls, hook)
+
+            @functools.wraps(original)
+            def spy(self, ctx, *args, _original=original, _hook=hook, **kwargs):
+                events.append((ctx.index, self.name, _hook))
+                return _original(self, ctx, *args, **kwargs)
+
+            monkeypatch.setattr(cls, hook, spy)
+    slimquant.quantize(tiny_model("llama"), {"scheme": "W8A8_DYNAMIC", "algorithms": ["shift", "smoothquant"],
+                                             "runtime": {"progress": False}}, samples=token_samples(2, 8))
+    layer0 = [(name, hook) for index, name, hook in events if index == 0]
+    first_smooth = layer0.index(("shift", "smooth"))
+    assert layer0[first_smooth + 1:].count(("shift", "observe")) == 0
+    assert layer0[:first_smooth].count(("smoothquant", "observe")) == 0
+    assert layer0[-1] == ("smoothquant", "smooth") and ("smoothquant", "observe") in layer0

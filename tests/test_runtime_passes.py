@@ -44,11 +44,18 @@ def test_static_activations_are_observed_first():
 def test_gptq_observes_each_sequential_group():
     pytest.importorskip("slimquant_gptq")
     # one traced call finds the groups (qkv, o, gate/up, down); each is re-observed; then the quantized pass
-    assert layer_calls({"scheme": "W4A16", "algorithms": ["gptq"]}) == 1 + 4 * SAMPLES + SAMPLES
+    recipe = {"scheme": "W4A16", "algorithms": [{"name": "gptq", "true_sequential": True}]}
+    assert layer_calls(recipe) == 1 + 4 * SAMPLES + SAMPLES
+
+
+def test_gptq_by_default_observes_once():
+    pytest.importorskip("slimquant_gptq")
+    assert layer_calls({"scheme": "W4A16", "algorithms": ["gptq"]}) == SAMPLES + SAMPLES
 
 
 def test_observation_stops_once_the_group_has_seen_its_inputs():
     pytest.importorskip("slimquant_gptq")
     # the MLP runs for: the trace, the error samples of the first (q/k/v) pass, the gate/up pass (which stops
     # before down_proj), the down pass and the quantized pass; the q/k/v and o passes stop before it
-    assert layer_calls({"scheme": "W4A16", "algorithms": ["gptq"]}, "mlp") == 1 + ERROR_SAMPLES + 3 * SAMPLES
+    recipe = {"scheme": "W4A16", "algorithms": [{"name": "gptq", "true_sequential": True}]}
+    assert layer_calls(recipe, "mlp") == 1 + ERROR_SAMPLES + 3 * SAMPLES

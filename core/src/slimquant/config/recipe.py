@@ -81,7 +81,7 @@ class RuntimeSpec(BaseModel):
     check_finite: bool = True
     offload_layers: bool = Field(True, description="move each decoder layer back to CPU when done")
     error_samples: int = Field(4, gt=0, description="calibration samples on which layer errors are measured")
-    batch_tokens: int = Field(4096, gt=0, description="tokens per calibration forward: samples of one length are "
+    batch_tokens: int = Field(2048, gt=0, description="tokens per calibration forward: samples of one length are "
                               "batched up to this many tokens (a sample longer than it runs alone)")
 
 

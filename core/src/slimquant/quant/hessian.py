@@ -14,9 +14,13 @@ MAX_DAMP_TRIES = 5  # damp_percent, x10, x100, ... before falling back to the di
 
 
 class HessianAccumulator(Statistic):
-    """sum_t x_t x_t^T and the token count; `hessian` is 2/n times the sum. float32 unless told otherwise."""
+    """sum_t x_t x_t^T and the token count; `hessian` is 2/n times the sum. float32 unless told otherwise.
+
+    The sum is symmetric, so only its upper block triangle is accumulated (row blocks of BLOCK columns, each times
+    the columns from its own on: about a third fewer flops on wide inputs); `hessian` mirrors it."""
 
     reductions = {"sum": Reduce.SUM, "tokens": Reduce.SUM}
+    BLOCK = 256
 
     def __init__(self, in_features: int, device=None, dtype: torch.dtype = torch.float32):
         self.sum = torch.zeros(in_features, in_features, device=device, dtype=dtype)
@@ -27,11 +31,15 @@ class HessianAccumulator(Statistic):
         if x.shape[0] == 0:
             return
         self.tokens += x.shape[0]
-        self.sum.addmm_(x.t(), x)
+        n = x.shape[1]
+        for start in range(0, n, self.BLOCK):
+            end = min(start + self.BLOCK, n)
+            self.sum[start:end, start:].addmm_(x[:, start:end].t(), x[:, start:])
 
     @property
     def hessian(self) -> torch.Tensor:
-        return self.sum * (2.0 / max(self.tokens, 1))
+        upper = torch.triu(self.sum)
+        return (upper + torch.triu(self.sum, 1).t()) * (2.0 / max(self.tokens, 1))
 
 
 def drop_dead_inputs(hessian: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -100,21 +100,45 @@ def search_clip_ratio(
     min_ratio: float = 0.5,
     norm: float = 2.4,
 ) -> torch.Tensor:
-    """Per (row, group) shrink of the min-max range that minimises sum |w - Q(w)|^norm (a grid search)."""
+    """Per (row, group) shrink of the min-max range that minimises sum |w - Q(w)|^norm (a grid search).
+
+    Candidates are tried a few at a time on every group at once; equal contiguous groups (or one per row) are a
+    view of w, so no scatter is needed."""
     w = w.float()
-    g_idx = contiguous_g_idx(w.shape[1], group_size, w.device).long()
-    groups = num_groups(w.shape[1], group_size)
-    xmin, xmax = group_minmax(w, g_idx, groups)
+    rows, cols = w.shape
+    groups = num_groups(cols, group_size)
+    size = group_size or cols
+    if groups * size != cols:  # a shorter last group: pad it with copies of its first column (same min/max)
+        pad = groups * size - cols
+        w = torch.cat([w, w[:, (groups - 1) * size:(groups - 1) * size + 1].expand(rows, pad)], dim=1)
+        weight = torch.ones(groups * size, device=w.device)
+        weight[cols:] = 0
+    else:
+        weight = None
+    wg = w.view(rows, groups, size)
+    xmin, xmax = wg.amin(-1), wg.amax(-1)
+    ratios = [1.0 - (1.0 - min_ratio) * step / grid for step in range(grid + 1)]
     best_err = torch.full_like(xmin, float("inf"))
     best_ratio = torch.ones_like(xmin)
-    for step in range(grid + 1):
-        ratio = 1.0 - (1.0 - min_ratio) * step / grid
-        scale, zero = range_to_qparams(xmin * ratio, xmax * ratio, bits, symmetric)
-        err_elem = (fake_quantize(w, scale[:, g_idx], None if zero is None else zero[:, g_idx], bits) - w)
-        err = torch.zeros_like(xmin).index_add_(1, g_idx, err_elem.abs().pow(norm))
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_ratio = torch.where(better, torch.full_like(best_ratio, ratio), best_ratio)
+    chunk = max(1, (1 << 22) // max(w.numel(), 1))  # candidates per pass, bounded to ~16 MB of float32
+    lo_q, hi_q = qrange(bits)
+    for start in range(0, len(ratios), chunk):
+        r = torch.tensor(ratios[start:start + chunk], device=w.device).view(-1, 1, 1)
+        scale, zero = range_to_qparams(xmin * r, xmax * r, bits, symmetric)  # [k, rows, groups]
+        scale, zero = scale.unsqueeze(-1), None if zero is None else zero.unsqueeze(-1)
+        q = torch.round(wg / scale)
+        if zero is not None:
+            q = q.add_(zero).clamp_(lo_q, hi_q).sub_(zero)
+        else:
+            q = q.clamp_(lo_q, hi_q)
+        err = q.mul_(scale).sub_(wg).abs_().pow_(norm)
+        if weight is not None:
+            err = err.mul_(weight.view(1, 1, groups, size))
+        err = err.sum(-1)  # [k, rows, groups]
+        for i in range(err.shape[0]):
+            better = err[i] < best_err
+            best_err = torch.where(better, err[i], best_err)
+            best_ratio = torch.where(better, torch.full_like(best_ratio, ratios[start + i]), best_ratio)
     return best_ratio
 
 

@@ -308,7 +308,7 @@ class LayerwiseQuantizer:
 
         fakes = {name: ctx.module(name) for name in quantized}
         with materialized_weights(layer):
-            with measure_linear_errors(fakes, ctx.linears, into=linear_errors):
+            with measure_linear_errors(fakes, ctx.linears, into=linear_errors, rows=self.recipe.runtime.error_samples):
                 quant_out = ctx.run_layer(inputs[:k])
             num = sum(float((q - f).float().pow(2).sum()) for q, f in zip(quant_out, float_out, strict=True))
             den = sum(float(f.float().pow(2).sum()) for f in float_out) or 1.0

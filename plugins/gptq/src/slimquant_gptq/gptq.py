@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from slimquant.quant.hessian import drop_dead_inputs, inverse_hessian_factor
-from slimquant.quant.math import dequantize, quantize, search_clip_ratio, weight_qparams
-from slimquant.quant.qweight import QuantizedWeight, contiguous_g_idx, num_groups
+from slimquant.quant.math import search_clip_ratio, weight_qparams
+from slimquant.quant.qweight import QuantizedWeight, contiguous_g_idx, num_groups, qrange
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, s: GPTQSettings, 
     group_of = (positions // size if dynamic or perm is None else perm // size).tolist()
 
     u = inverse_hessian_factor(h, s.damp_percent, name)
+    inv_diag = (1.0 / torch.diagonal(u)).tolist()
+    lo, hi = qrange(s.bits)
     # The sweep runs on W transposed: a column of W is a contiguous row here, which CPUs update far faster.
     wt = w.t().contiguous()
     codes_t = torch.empty_like(wt)
@@ -77,12 +79,16 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, s: GPTQSettings, 
                 if zero_t is not None:
                     zero_t[g] = z[:, 0]
             sc, z = scale_t[g], None if zero_t is None else zero_t[g]
-            x = block[i]
-            q = quantize(x, sc, z, s.bits)
-            codes_t[col] = q
-            err = (x - dequantize(q, sc, z)) / u_block[i, i]
+            x, q, err = block[i], codes_t[col], errors[i]
+            torch.div(x, sc, out=q).round_()  # quantize and dequantize in place: this loop runs once per column
+            if z is not None:
+                q.add_(z).clamp_(lo, hi)
+                torch.sub(q, z, out=err)
+            else:
+                q.clamp_(lo, hi)
+                err.copy_(q)
+            err.mul_(sc).sub_(x).mul_(-inv_diag[b1 + i])  # (x - dequantized) / U[i, i]
             block[i + 1:].addr_(u_block[i, i + 1:], err, alpha=-1)
-            errors[i] = err
         wt[b2:] -= u[b1:b2, b2:].t() @ errors
 
     codes = codes_t.t()

@@ -24,7 +24,8 @@ class GPTQConfig(BaseModel):
     block_size: int = Field(128, gt=0, description="columns updated together (lazy batch updates)")
     act_order: bool = Field(True, description="quantize columns in order of decreasing H[i, i] (desc_act)")
     static_groups: bool = Field(False, description="fix group scales before the sweep (no g_idx with act_order)")
-    true_sequential: bool = Field(True, description="q/k/v, then o, then gate/up, then down, re-observing")
+    true_sequential: bool = Field(False, description="q/k/v, then o, then gate/up, then down, re-observing (off: "
+                                  "SmolLM2 W4A16 g64 23.56 vs 23.79 on, and ~30% faster)")
     mse: bool = Field(True, description="grid-search each group's clipping range instead of min-max")
 
 
