@@ -20,7 +20,7 @@ class WeightArgs(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    bits: int = Field(8, ge=2, le=8, description="integer bits per weight, 2 to 8")
+    bits: int = Field(8, ge=1, le=8, description="integer bits per weight, 1 to 8 (1: asymmetric only)")
     symmetric: bool = True
     strategy: Strategy | None = None
     group_size: int | None = Field(None, description="input channels per scale; the last group may be shorter")
@@ -47,6 +47,8 @@ class WeightArgs(BaseModel):
             raise ValueError(f"group_size={self.group_size} only applies to strategy 'group', not '{strategy.value}'")
         if strategy == Strategy.TOKEN:
             raise ValueError("weights cannot be quantized per token; use tensor, channel or group")
+        if self.bits == 1 and self.symmetric:
+            raise ValueError("1-bit weights have two levels, min and max: set symmetric: false")
         return self
 
 

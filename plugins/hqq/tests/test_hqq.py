@@ -1,0 +1,92 @@
+"""hqq: lp error never above round-to-nearest, exact reload of fractional zero points, plan-time refusals, data-free."""
+
+import pytest
+import torch
+
+import slimquant
+from slimquant.config.scheme import WeightArgs
+from slimquant.errors import RecipeError
+from slimquant.plugins import plan_algorithms
+from slimquant.quant.math import round_to_nearest
+from slimquant.testing import ARCHS, check_plugin, tiny_model
+from slimquant_hqq import HQQPlugin, HQQSettings, hqq_quantize
+
+
+def lp_error(w, qweight, p=0.7):
+    return float((w - qweight.dequantize()).abs().pow(p).sum())
+
+
+def heavy_tailed(rows, cols, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.distributions.StudentT(3.0).sample((rows, cols)) * 0.02 if seed % 2 else \
+        torch.randn(rows, cols, generator=g) * 0.05
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("group", [32, 64, None])
+def test_lp_error_never_above_round_to_nearest(bits, group):
+    for seed in range(4):
+        torch.manual_seed(seed)
+        w = heavy_tailed(48, 128, seed)
+        ours = hqq_quantize(w, HQQSettings(bits=bits, group_size=group))
+        rtn = round_to_nearest(w, WeightArgs(bits=bits, symmetric=False, group_size=group))
+        assert lp_error(w, ours) <= lp_error(w, rtn) * (1 + 1e-5)
+
+
+def test_the_solver_improves_on_rounding_at_4_bits():
+    torch.manual_seed(0)
+    w = heavy_tailed(256, 256, 1)
+    ours = hqq_quantize(w, HQQSettings(bits=4, group_size=64))
+    rtn = round_to_nearest(w, WeightArgs(bits=4, symmetric=False, group_size=64))
+    assert lp_error(w, ours) < 0.97 * lp_error(w, rtn)
+    assert (ours.zero != ours.zero.round()).any()  # fractional zero points
+
+
+def test_optimize_scale_is_no_worse():
+    torch.manual_seed(0)
+    w = heavy_tailed(64, 128, 1)
+    plain = hqq_quantize(w, HQQSettings(bits=3, group_size=32))
+    scaled = hqq_quantize(w, HQQSettings(bits=3, group_size=32, optimize_scale=True, early_stop=False))
+    rtn = round_to_nearest(w, WeightArgs(bits=3, symmetric=False, group_size=32))
+    assert lp_error(w, scaled) <= lp_error(w, rtn)
+    assert lp_error(w, plain) <= lp_error(w, rtn)
+
+
+def test_contract_and_round_trip_on_every_architecture(monkeypatch):
+    from slimquant import calibration
+
+    monkeypatch.setattr(calibration, "generate_samples", lambda *a, **k: pytest.fail("hqq generated text"))
+    changes = check_plugin(HQQPlugin, scheme={"weights": {"bits": 4, "symmetric": False, "group_size": 16}},
+                           archs=ARCHS)
+    assert all(0 < change < 1.0 for change in changes.values()), changes
+
+
+@pytest.mark.parametrize("args,field", [
+    ({"iters": 0}, "iters"),
+    ({"lp_norm": 1.0}, "lp_norm"),
+    ({"lp_norm": 0.0}, "lp_norm"),
+    ({"kappa": 0.5}, "kappa"),
+    ({"beta": -1}, "beta"),
+])
+def test_bad_arguments_are_refused_at_plan_time(args, field):
+    with pytest.raises(RecipeError, match=field):
+        plan_algorithms(slimquant.Recipe.parse({"weights": {"bits": 4, "symmetric": False, "group_size": 64},
+                                                "algorithms": [{"name": "hqq", **args}]}))
+
+
+def test_symmetric_and_short_last_groups_are_refused_before_quantizing():
+    with pytest.raises(RecipeError, match="weights.symmetric: hqq optimizes zero points"):
+        plan_algorithms(slimquant.Recipe.parse({"weights": {"bits": 4, "group_size": 64}, "algorithms": ["hqq"]}))
+    model = tiny_model("llama")  # 64 input channels (hidden), 128 (intermediate)
+    before = model.model.layers[0].self_attn.q_proj.weight.clone()
+    with pytest.raises(RecipeError, match="weights.group_size: 48 leaves a short last group of 16"):
+        slimquant.quantize(model, {"weights": {"bits": 4, "symmetric": False, "group_size": 48},
+                                   "algorithms": ["hqq"], "runtime": {"progress": False}})
+    assert torch.equal(model.model.layers[0].self_attn.q_proj.weight, before)  # nothing was quantized
+
+
+def test_msmodelslim_w_method_hqq():
+    from slimquant.compat.msmodelslim import QuantConfig
+
+    recipe = QuantConfig(w_bit=4, a_bit=16, w_sym=False, w_method="HQQ", group_size=64).to_recipe()
+    assert recipe.algorithms[-1]["name"] == "hqq"
