@@ -55,7 +55,7 @@ def package_case(name: str) -> dict:
     with torch.no_grad():
         for linear in linears:
             w_q, meta = Quantizer.quantize(linear.weight.data, nbits=bits, group_size=group, optimize=True, axis=1,
-                                           bitpack=False)
+                                           bitpack=False, device="cpu")
             linear.weight.data.copy_(Quantizer.dequantize(w_q, meta).reshape(linear.weight.shape))
     result.update(quant_seconds=round(time.perf_counter() - started, 1),
                   peak_rss_quant_mb=round(common.peak_rss_mb(), 1))

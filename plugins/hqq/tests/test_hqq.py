@@ -2,14 +2,14 @@
 
 import pytest
 import torch
+from slimquant_hqq import HQQPlugin, HQQSettings, hqq_quantize
 
 import slimquant
 from slimquant.config.scheme import WeightArgs
 from slimquant.errors import RecipeError
 from slimquant.plugins import plan_algorithms
 from slimquant.quant.math import round_to_nearest
-from slimquant.testing import ARCHS, check_plugin, tiny_model
-from slimquant_hqq import HQQPlugin, HQQSettings, hqq_quantize
+from slimquant.testing import ARCHS, check_plugin
 
 
 def lp_error(w, qweight, p=0.7):
@@ -74,15 +74,20 @@ def test_bad_arguments_are_refused_at_plan_time(args, field):
                                                 "algorithms": [{"name": "hqq", **args}]}))
 
 
-def test_symmetric_and_short_last_groups_are_refused_before_quantizing():
+def test_symmetric_weights_are_refused_at_plan_time():
     with pytest.raises(RecipeError, match="weights.symmetric: hqq optimizes zero points"):
         plan_algorithms(slimquant.Recipe.parse({"weights": {"bits": 4, "group_size": 64}, "algorithms": ["hqq"]}))
-    model = tiny_model("llama")  # 64 input channels (hidden), 128 (intermediate)
-    before = model.model.layers[0].self_attn.q_proj.weight.clone()
-    with pytest.raises(RecipeError, match="weights.group_size: 48 leaves a short last group of 16"):
-        slimquant.quantize(model, {"weights": {"bits": 4, "symmetric": False, "group_size": 48},
-                                   "algorithms": ["hqq"], "runtime": {"progress": False}})
-    assert torch.equal(model.model.layers[0].self_attn.q_proj.weight, before)  # nothing was quantized
+
+
+def test_a_short_last_group_is_solved_on_its_own_channels():
+    torch.manual_seed(0)
+    w = heavy_tailed(32, 80, 1)  # groups of 32: 32, 32 and a last one of 16
+    ours = hqq_quantize(w, HQQSettings(bits=4, group_size=32))
+    assert ours.scale.shape == (32, 3)
+    rtn = round_to_nearest(w, WeightArgs(bits=4, symmetric=False, group_size=32))
+    assert lp_error(w, ours) <= lp_error(w, rtn) * (1 + 1e-5)
+    alone = hqq_quantize(w[:, 64:], HQQSettings(bits=4, group_size=16))  # the same group, solved by itself
+    assert torch.allclose(ours.zero[:, 2], alone.zero[:, 0], atol=1e-5)
 
 
 def test_msmodelslim_w_method_hqq():

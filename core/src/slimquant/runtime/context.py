@@ -76,7 +76,7 @@ class LayerContext:
         """The (args, kwargs) the sub-module `block` (a name relative to the layer, e.g. "self_attn" or "mlp", or a
         full model name) receives on the layer's calibration inputs, as the layer is now. The layer stops at the
         block, so nothing after it runs. At most `max_samples` calibration inputs are used (all when None)."""
-        module = self.module(block) if block.startswith(self.prefix + ".") else self.layer.get_submodule(block)
+        module = self._block(block)
         caught: list[LayerInput] = []
 
         def catch(mod, args, kwargs):
@@ -97,8 +97,12 @@ class LayerContext:
     @torch.no_grad()
     def run_block(self, block: str, inputs: list[LayerInput]) -> list[torch.Tensor]:
         """Run the sub-module `block` on inputs from `block_inputs`; returns its first output per input."""
-        module = self.module(block) if block.startswith(self.prefix + ".") else self.layer.get_submodule(block)
+        module = self._block(block)
         return [hidden_of(module(*args, **kwargs)) for args, kwargs in inputs]
+
+    def _block(self, block: str) -> nn.Module:
+        """A sub-module by its name relative to the layer ("" is the layer) or by its full model name."""
+        return self.module(block) if block.startswith(self.prefix + ".") else self.layer.get_submodule(block)
 
     @property
     def trace(self) -> LayerTrace:

@@ -40,10 +40,6 @@ class HQQPlugin:
             problems.append("weights.symmetric: hqq optimizes zero points; use symmetric: false")
         if weights.strategy == "tensor":
             problems.append("weights.strategy: hqq quantizes per group or per channel, not per tensor")
-        group = weights.group_size
-        if group and shape is not None and shape[1] % group:
-            problems.append(f"weights.group_size: {group} leaves a short last group of {shape[1] % group} of the "
-                            f"{shape[1]} input channels; hqq needs a group size that divides them")
         return problems
 
     @hookimpl

@@ -1,0 +1,212 @@
+"""`awq`: activation-aware weight quantization (Lin et al., 2024), as a smoother in front of any weight algorithm.
+
+Per decoder layer, in its smoothing pass:
+
+1. Scaling. For each unit (norm -> q/k/v, v -> o, norm -> gate/up, up -> down, MoE experts included) the input
+   channels that carry large activations are protected: s = mean|x|^r (duo_scaling: / mean|w_normalized|^(1-r)),
+   normalised to geometric mean 1, with r on a grid of `n_grid` points. Each candidate is judged by the output of
+   the sub-block the unit feeds (attention, MLP, or the Linear itself), run on calibration inputs with the target
+   weights fake-quantized as the plan will quantize them; no scaling (s = 1) is always a candidate. The best s is
+   folded into the source and the targets, float-exact (checked by slimquant.smoothing.Guard; a unit the structure
+   does not allow is left alone with a warning naming it).
+2. Clipping (`clip`). Each Linear but the query/key projections gets, per output row and group, the weight range
+   max|w| * (1 - i / n_grid), i < max_shrink * n_grid, whose quantized group output is closest to the float one
+   on sampled input tokens; the weights are clamped to it. This changes the float weights on purpose: whichever
+   weight algorithm follows ([awq] rounds to nearest, [awq, gptq] runs GPTQ) quantizes the clamped weights.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from slimquant import smoothing
+from slimquant.hookspecs import hookimpl
+from slimquant.quant.math import fake_quantize_weight
+from slimquant.runtime.plan import name_matches
+from slimquant.stats import Reduce, Statistic
+
+log = logging.getLogger(__name__)
+
+
+class AWQConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: Literal["awq"] = "awq"
+    n_grid: int = Field(20, ge=1, description="scale exponents tried per unit: r = 0, 1/n_grid, ...")
+    duo_scaling: bool = Field(True, description="s = x^r / w^(1-r) (llm-compressor's default) instead of x^r")
+    clip: bool = Field(True, description="search a per-group clipping range after scaling")
+    max_shrink: float = Field(0.5, gt=0, lt=1, description="the clipping search shrinks ranges by at most this")
+    search_samples: int = Field(8, ge=1, description="calibration samples the scale search runs sub-blocks on")
+    clip_tokens: int = Field(512, ge=16, description="input tokens the clipping search uses per Linear")
+    clip_skip: list[str] = Field(default_factory=lambda: ["*q_proj", "*k_proj", "*.query", "*.key"],
+                                 description="Linears not clipped (their outputs only meet in attention scores)")
+
+
+class MeanAbs(Statistic):
+    """Per input channel sum of |x| and the token count."""
+
+    reductions = {"total": Reduce.SUM, "tokens": Reduce.SUM}
+
+    def __init__(self):
+        self.total: torch.Tensor | None = None
+        self.tokens = 0
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        part = x.abs().sum(0)
+        self.total = part if self.total is None else self.total + part
+        self.tokens += x.shape[0]
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.total / max(self.tokens, 1)
+
+
+class AWQPlugin:
+    name = "awq"
+    Config = AWQConfig
+    requires_calibration_data = True
+    aliases = {"msmodelslim.w_method": "AWQ", "msmodelslim.anti_method": "m3"}
+
+    def __init__(self, config: AWQConfig):
+        self.config = config
+
+    def observes(self, plan) -> bool:
+        return False  # its statistics come from its own smoothing pass
+
+    @hookimpl
+    def observe(self, ctx, name, module, inputs, output):
+        ctx.state(self.name).setdefault(name, MeanAbs()).update(inputs)
+
+    @hookimpl
+    def smooth(self, ctx):
+        stats = ctx.state(self.name)
+        guard = smoothing.Guard(ctx, self.name)
+        for unit in smoothing.units(ctx, all_linears=True):
+            if not any(ctx.plan(n) is not None and n in stats for n in unit.targets):
+                continue
+            s = self._best_scales(ctx, unit, stats)
+            if s is not None:
+                guard.apply(unit, lambda unit=unit, s=s: smoothing.scale_unit(unit, s))
+        guard.report()
+        if self.config.clip:
+            for name in ctx.quantized_names():
+                if not any(name_matches(p, name) for p in self.config.clip_skip):
+                    self._clip(ctx, name)
+
+    # -- scaling ------------------------------------------------------------------------------------------
+
+    def _search_inputs(self, ctx, block: str):
+        samples, batches = 0, 0
+        for args, kwargs in ctx.inputs:
+            batches += 1
+            samples += (args[0] if args else kwargs["hidden_states"]).shape[0]
+            if samples >= self.config.search_samples:
+                break
+        return ctx.block_inputs(block, max_samples=batches)
+
+    @torch.no_grad()
+    def _best_scales(self, ctx, unit, stats) -> torch.Tensor | None:
+        x_mean = torch.stack([stats[n].mean for n in unit.targets if n in stats]).mean(0)
+        x_mean = unit.reduce(x_mean, "mean")
+        w_mean = unit.reduce(self._weight_mean(ctx, unit), "mean")
+        block = _block_of(ctx, list(unit.targets))
+        inputs = self._search_inputs(ctx, block)
+        reference = ctx.run_block(block, inputs)
+        originals = {n: t.weight.detach().clone() for n, t in unit.targets.items()}
+        best, best_loss = None, self._loss(ctx, unit, block, inputs, reference, originals, None)
+        for step in range(self.config.n_grid):
+            ratio = step / self.config.n_grid
+            s = x_mean.clamp_min(1e-4).pow(ratio)
+            if self.config.duo_scaling:
+                s = s / w_mean.clamp_min(1e-4).pow(1 - ratio)
+            s = s / (s.max() * s.min()).sqrt()
+            s = torch.where(torch.isfinite(s) & (s > 0), s, torch.ones_like(s))
+            loss = self._loss(ctx, unit, block, inputs, reference, originals, s)
+            if loss < best_loss:
+                best, best_loss = s, loss
+        log.debug("%s: %s -> %s best loss %.3e (%s)", self.name, unit.source, block, best_loss,
+                  "scaled" if best is not None else "no scaling")
+        return best
+
+    def _weight_mean(self, ctx, unit) -> torch.Tensor:
+        """Per input channel, the mean over output rows of |w| / max|w| of its group (AWQ's weight salience)."""
+        means = []
+        for name, target in unit.targets.items():
+            w = target.weight.detach().float().abs()
+            args = ctx.plan(name).scheme.weights if ctx.plan(name) else None
+            group = args.group_size if args is not None and args.strategy == "group" else w.shape[1]
+            groups = -(-w.shape[1] // group)
+            pad = groups * group - w.shape[1]
+            padded = torch.nn.functional.pad(w, (0, pad)).view(w.shape[0], groups, group)
+            normalized = padded / padded.amax(-1, keepdim=True).clamp_min(1e-8)
+            means.append(normalized.reshape(w.shape[0], -1)[:, : w.shape[1]].mean(0))
+        return torch.stack(means).mean(0)
+
+    def _loss(self, ctx, unit, block, inputs, reference, originals, s) -> float:
+        try:
+            for name, target in unit.targets.items():
+                args = ctx.plan(name).scheme.weights if ctx.plan(name) else None
+                if args is None:
+                    continue
+                w = originals[name].float()
+                cols = None if s is None else unit.expand(s).to(w.device)
+                scaled = w if cols is None else w * cols
+                fake = fake_quantize_weight(scaled, args)
+                target.weight.data.copy_((fake if cols is None else fake / cols).to(target.weight.dtype))
+            outs = ctx.run_block(block, inputs)
+        finally:
+            for name, target in unit.targets.items():
+                target.weight.data.copy_(originals[name])
+        num = sum(float((o - r).float().pow(2).sum()) for o, r in zip(outs, reference, strict=True))
+        return num / max(sum(r.numel() for r in reference), 1)
+
+    # -- clipping -----------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _clip(self, ctx, name: str) -> None:
+        args = ctx.plan(name).scheme.weights
+        linear = ctx.module(name)
+        inputs = self._search_inputs(ctx, name[len(ctx.prefix) + 1:])
+        if not inputs:  # an MoE expert the router never chose on these samples
+            return
+        x = torch.cat([(a[0] if a else k["input"]).reshape(-1, linear.in_features) for a, k in inputs]).float()
+        if x.shape[0] > self.config.clip_tokens:
+            x = x[torch.linspace(0, x.shape[0] - 1, self.config.clip_tokens).long()]
+        w = linear.weight.detach().float()
+        group = args.group_size if args.strategy == "group" else w.shape[1]
+        if w.shape[1] % group:
+            return  # a short last group: the per-group outputs below need equal groups
+        groups = w.shape[1] // group
+        wg, xg = w.view(w.shape[0], groups, group), x.view(x.shape[0], groups, group)
+        reference = torch.einsum("ngk,ogk->nog", xg, wg)
+        org_max = wg.abs().amax(-1, keepdim=True)
+        best_err = torch.full((w.shape[0], groups), float("inf"))
+        best_max = org_max.clone()
+        for step in range(int(self.config.max_shrink * self.config.n_grid)):
+            max_val = org_max * (1 - step / self.config.n_grid)
+            clipped = torch.clamp(wg, -max_val, max_val).reshape_as(w)
+            q = fake_quantize_weight(clipped, args).view_as(wg)
+            err = (torch.einsum("ngk,ogk->nog", xg, q) - reference).pow(2).mean(0)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_max = torch.where(better.unsqueeze(-1), max_val, best_max)
+        linear.weight.data.copy_(torch.clamp(wg, -best_max, best_max).reshape_as(w).to(linear.weight.dtype))
+
+
+def _block_of(ctx, targets: list[str]) -> str:
+    """The sub-block whose output judges a unit, relative to the layer: the Linear itself, or the deepest module
+    holding all targets ("" when only the whole layer does)."""
+    relative = [t[len(ctx.prefix) + 1:].split(".") for t in targets]
+    if len(relative) == 1:
+        return ".".join(relative[0])
+    common = []
+    for level in zip(*relative, strict=False):
+        if len(set(level)) != 1:
+            break
+        common.append(level[0])
+    return ".".join(common)
