@@ -8,8 +8,9 @@
 
 Both quantize every decoder Linear data-free from the same fp32 weights (bench/common.py protocol; perplexity on
 WikiText-2 test, 16 x 2048). The package's cases run its `Quantizer.quantize(W, nbits, group_size, optimize=True,
-axis=1)` (the solver HQQLinear calls, with its defaults: lp_norm 0.7, beta 10, kappa 1.01, 20 iterations, early
-stop) and write the dequantized weights back; timed alike, each case in its own process.
+axis=1, round_zero=nbits == 4)`: what HQQLinear with `BaseQuantizeConfig(nbits, group_size)` calls (its solver in
+0.2.8: lp_norm 0.7, beta 10, 20 iterations, early stop); the dequantized weights are written back. Timed alike, each
+case in its own process.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def package_case(name: str) -> dict:
     with torch.no_grad():
         for linear in linears:
             w_q, meta = Quantizer.quantize(linear.weight.data, nbits=bits, group_size=group, optimize=True, axis=1,
-                                           bitpack=False, device="cpu")
+                                           bitpack=False, device="cpu", round_zero=bits == 4)
             linear.weight.data.copy_(Quantizer.dequantize(w_q, meta).reshape(linear.weight.shape))
     result.update(quant_seconds=round(time.perf_counter() - started, 1),
                   peak_rss_quant_mb=round(common.peak_rss_mb(), 1))

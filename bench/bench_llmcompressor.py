@@ -30,6 +30,7 @@ CASES = {
     "llm-compressor SmoothQuant a0.5 + GPTQ W8A8 static": ("sq+gptq", "static"),
     "llm-compressor W8A8 dynamic": ("w8a8", "dynamic"),
     "llm-compressor SmoothQuant a0.5 + W8A8 dynamic": ("sq+w8a8", "dynamic"),
+    "llm-compressor AWQ W4A16 g64": ("awq", 64),
 }
 
 
@@ -59,6 +60,10 @@ def recipe(method: str, arg):
 
     scheme = w4_scheme(arg) if isinstance(arg, int) else w8a8_scheme(arg)
     groups = {"config_groups": {"group_0": scheme}, "ignore": ["lm_head"]}
+    if method == "awq":
+        from llmcompressor.modifiers.awq import AWQModifier
+
+        return [AWQModifier(**groups)]
     gptq = "gptq" in method
     quantizer = (GPTQModifier(**groups, block_size=128, dampening_frac=0.01) if gptq
                  else QuantizationModifier(**groups))

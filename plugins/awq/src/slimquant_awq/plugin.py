@@ -40,7 +40,7 @@ class AWQConfig(BaseModel):
     duo_scaling: bool = Field(True, description="s = x^r / w^(1-r) (llm-compressor's default) instead of x^r")
     clip: bool = Field(True, description="search a per-group clipping range after scaling")
     max_shrink: float = Field(0.5, gt=0, lt=1, description="the clipping search shrinks ranges by at most this")
-    search_samples: int = Field(8, ge=1, description="calibration samples the scale search runs sub-blocks on")
+    search_samples: int = Field(4, ge=1, description="calibration samples the scale search runs sub-blocks on")
     clip_tokens: int = Field(512, ge=16, description="input tokens the clipping search uses per Linear")
     clip_skip: list[str] = Field(default_factory=lambda: ["*q_proj", "*k_proj", "*.query", "*.key"],
                                  description="Linears not clipped (their outputs only meet in attention scores)")
@@ -178,24 +178,29 @@ class AWQPlugin:
         if x.shape[0] > self.config.clip_tokens:
             x = x[torch.linspace(0, x.shape[0] - 1, self.config.clip_tokens).long()]
         w = linear.weight.detach().float()
-        group = args.group_size if args.strategy == "group" else w.shape[1]
-        if w.shape[1] % group:
-            return  # a short last group: the per-group outputs below need equal groups
-        groups = w.shape[1] // group
-        wg, xg = w.view(w.shape[0], groups, group), x.view(x.shape[0], groups, group)
+        cols = w.shape[1]
+        group = args.group_size if args.strategy == "group" else cols
+        groups = -(-cols // group)
+        pad = groups * group - cols  # a shorter last group: zero columns, which add nothing to any output
+
+        def grouped(t: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.pad(t, (0, pad)).view(t.shape[0], groups, group)
+
+        wg, xg = grouped(w), grouped(x)
         reference = torch.einsum("ngk,ogk->nog", xg, wg)
         org_max = wg.abs().amax(-1, keepdim=True)
         best_err = torch.full((w.shape[0], groups), float("inf"))
         best_max = org_max.clone()
         for step in range(int(self.config.max_shrink * self.config.n_grid)):
             max_val = org_max * (1 - step / self.config.n_grid)
-            clipped = torch.clamp(wg, -max_val, max_val).reshape_as(w)
-            q = fake_quantize_weight(clipped, args).view_as(wg)
+            clipped = torch.clamp(wg, -max_val, max_val).reshape(w.shape[0], -1)[:, :cols]
+            q = grouped(fake_quantize_weight(clipped, args))
             err = (torch.einsum("ngk,ogk->nog", xg, q) - reference).pow(2).mean(0)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best_max = torch.where(better.unsqueeze(-1), max_val, best_max)
-        linear.weight.data.copy_(torch.clamp(wg, -best_max, best_max).reshape_as(w).to(linear.weight.dtype))
+        clipped = torch.clamp(wg, -best_max, best_max).reshape(w.shape[0], -1)[:, :cols]
+        linear.weight.data.copy_(clipped.to(linear.weight.dtype))
 
 
 def _block_of(ctx, targets: list[str]) -> str:

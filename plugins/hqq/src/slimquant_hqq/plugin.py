@@ -20,6 +20,7 @@ class HQQConfig(BaseModel):
     kappa: float = Field(1.01, ge=1, description="beta grows by this factor every iteration")
     early_stop: bool = Field(True, description="stop when the mean absolute error stops improving")
     optimize_scale: bool = Field(False, description="also refit each group's step by least squares")
+    round_zero: bool = Field(True, description="start the solver from rounded zero points")
 
 
 class HQQPlugin:
@@ -47,5 +48,6 @@ class HQQPlugin:
         c = self.config
         settings = HQQSettings(bits=args.bits, group_size=args.group_size if args.strategy == "group" else None,
                                iters=c.iters, lp_norm=c.lp_norm, beta=c.beta, kappa=c.kappa,
-                               early_stop=c.early_stop, optimize_scale=c.optimize_scale)
+                               early_stop=c.early_stop, optimize_scale=c.optimize_scale,
+                               round_zero=c.round_zero)
         return hqq_quantize(module.weight, settings)
