@@ -28,7 +28,8 @@ def test_explicit_weights_override_the_preset():
     ({"schem": "W8A16"}, "schem"),
     ({"scheme": "W9A16"}, "scheme"),
     ({"weights": {"bits": 9}}, "weights.bits"),
-    ({"weights": {"bits": 1}}, "weights.bits"),
+    ({"weights": {"bits": 0}}, "weights.bits"),
+    ({"weights": {"bits": 1}}, "1-bit weights have two levels"),  # 1 bit: asymmetric only
     ({"weights": {"bits": 4, "group_size": 0.5}}, "group_size"),
     ({"weights": {"bits": 4, "group_size": -3}}, "group_size"),
     ({"weights": {"bits": 4, "group_size": "128"}}, "group_size"),

@@ -234,7 +234,6 @@ def test_anti_outlier_then_calibrator(method):
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    ({"anti_method": "m3"}, "m3.*slimquant-awq"),
     ({"anti_method": "m6"}, "m6"),
     ({"anti_method": "m9"}, "unknown anti_method 'm9'"),
     ({"a_bit": 16}, "a_bit=16"),

@@ -94,7 +94,9 @@ def smooth(ctx) -> None:
 
     Rewrite norms and Linears of ``ctx.layer`` so that the layer's float output is unchanged up to float rounding
     (SmoothQuant, Shift, AWQ scaling); ``ctx.subgraphs`` lists which norm or Linear feeds which Linears,
-    ``ctx.block_inputs`` / ``ctx.run_block`` give a sub-block's calibration inputs and outputs. Return nothing.
+    ``ctx.block_inputs`` / ``ctx.run_block`` give a sub-block's calibration inputs and outputs. A smoother may also
+    change weights on purpose to help the quantizer that follows (AWQ's clipping), and then says so in its docs:
+    whatever weight algorithm the plan names quantizes the weights as the smoothers leave them. Return nothing.
     """
 
 

@@ -2,12 +2,12 @@
 scaling, [awq, gptq] composes, bad arguments are refused at plan time, save -> load round trip."""
 
 import pytest
-from slimquant_awq import AWQPlugin
 
 import slimquant
 from slimquant.errors import RecipeError
 from slimquant.plugins import plan_algorithms
 from slimquant.testing import ARCHS, check_plugin, tiny_model, token_samples
+from slimquant_awq import AWQPlugin
 
 W4 = {"bits": 4, "symmetric": False, "group_size": 16}
 

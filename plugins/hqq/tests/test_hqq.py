@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from slimquant_hqq import HQQPlugin, HQQSettings, hqq_quantize
 
 import slimquant
 from slimquant.config.scheme import WeightArgs
@@ -10,6 +9,7 @@ from slimquant.errors import RecipeError
 from slimquant.plugins import plan_algorithms
 from slimquant.quant.math import round_to_nearest
 from slimquant.testing import ARCHS, check_plugin
+from slimquant_hqq import HQQPlugin, HQQSettings, hqq_quantize
 
 
 def lp_error(w, qweight, p=0.7):
