@@ -19,7 +19,6 @@ from slimquant.errors import PluginError, RecipeError
 
 ALGORITHMS = "slimquant.plugins"
 EXPORTERS = "slimquant.exporters"
-GROUP = ALGORITHMS
 KIND = {ALGORITHMS: "algorithm", EXPORTERS: "output format"}
 HOOK_NAMES = ("check", "observe", "smooth", "quantize_weight", "quantize_act", "export")
 ALGORITHM_HOOKS = ("observe", "smooth", "quantize_weight", "quantize_act")
@@ -161,9 +160,6 @@ class PluginSet:
     def get(self, name: str):
         return self.plugins[name]
 
-    def with_hook(self, hook: str) -> list[str]:
-        return [n for n, p in self.plugins.items() if hook in hooks_of(type(p))]
-
 
 @dataclass
 class AlgorithmPlan:
@@ -171,7 +167,7 @@ class AlgorithmPlan:
     smoothers: list[str]
     weight_algorithm: str
     act_algorithm: str
-    exporters: dict[str, object] = field(default_factory=dict)
+    exporters: PluginSet = field(default_factory=lambda: PluginSet({}))
 
     def requires_calibration_data(self, plans) -> bool:
         """False when every Linear can be quantized from its weight alone: the data-free path."""
@@ -207,21 +203,15 @@ class AlgorithmPlan:
         return [n for n in names if observes(self.plugins.get(n), plan)]
 
     def check(self, plan, name: str | None = None, shape: tuple[int, int] | None = None) -> list[str]:
-        involved = dict.fromkeys([plan.weight_algorithm, *( [plan.act_algorithm] if plan.scheme.activations else []),
-                                  *self.smoothers])
+        act = [plan.act_algorithm] if plan.scheme.activations else []
         problems = []
-        for plugin in involved:
-            for problem in self.plugins.call(plugin, "check", plan=plan, name=name, shape=shape) or []:
-                problems.append(f"{plugin}: {problem}")
-        for fmt, exporter in self.exporters.items():
-            for problem in _call_exporter_check(exporter, plan, name, shape):
-                problems.append(f"save_type {fmt}: {problem}")
+        for plugin in dict.fromkeys([plan.weight_algorithm, *act, *self.smoothers]):
+            problems += [f"{plugin}: {p}" for p in self.plugins.call(plugin, "check", plan=plan, name=name,
+                                                                     shape=shape) or []]
+        for fmt in self.exporters.plugins:
+            problems += [f"save_type {fmt}: {p}" for p in self.exporters.call(fmt, "check", plan=plan, name=name,
+                                                                                shape=shape) or []]
         return problems
-
-
-def _call_exporter_check(exporter, plan, name, shape) -> list[str]:
-    check = getattr(exporter, "check", None)
-    return list(check(plan=plan, name=name, shape=shape) or []) if check is not None else []
 
 
 def _single(role: str, candidates: list[str]) -> str:
@@ -274,7 +264,7 @@ def plan_algorithms(recipe: Recipe, formats: list[str] | None = None) -> Algorit
         plugins[name] = cls(validate_args(cls, specs.get(name, {"name": name}), where))
     smoothers = [n for n in specs if "smooth" in hooks_of(classes[n])]
     plan = AlgorithmPlan(PluginSet(plugins), smoothers, weight_algorithm, act_algorithm,
-                         load_exporters(formats or []))
+                         PluginSet(load_exporters(formats or [])))
     check_schemes(recipe, plan)
     return plan
 

@@ -71,6 +71,15 @@ class LayerContext:
             outs.append(hidden_of(self.layer(*args, **kwargs)))
         return outs
 
+    def batches_covering(self, samples: int) -> int:
+        """How many leading calibration batches (`inputs`, several samples each) hold at least `samples` samples."""
+        seen = 0
+        for i, (args, kwargs) in enumerate(self.inputs):
+            seen += (args[0] if args else kwargs["hidden_states"]).shape[0]
+            if seen >= samples:
+                return i + 1
+        return len(self.inputs)
+
     @torch.no_grad()
     def block_inputs(self, block: str, max_samples: int | None = None) -> list[LayerInput]:
         """The (args, kwargs) the sub-module `block` (a name relative to the layer, e.g. "self_attn" or "mlp", or a

@@ -80,17 +80,6 @@ def _checked_qweight(result, plugin: str, name: str, module: nn.Module) -> Quant
     return result
 
 
-def _batches_covering(inputs, samples: int) -> int:
-    """How many leading calibration batches hold at least `samples` samples."""
-    seen = 0
-    for i, (args, kwargs) in enumerate(inputs):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        seen += hidden.shape[0]
-        if seen >= samples:
-            return i + 1
-    return len(inputs)
-
-
 class LayerwiseQuantizer:
     def __init__(self, model: nn.Module, recipe: Recipe, device: torch.device,
                  algorithms: AlgorithmPlan | None = None, smooth_only: bool = False):
@@ -292,7 +281,7 @@ class LayerwiseQuantizer:
                     LayerReport(index, time.perf_counter() - started, 0.0, 0, len(linears)))
 
         ctx.phase = "quantize"
-        k = _batches_covering(inputs, self.recipe.runtime.error_samples)  # errors against float are measured there
+        k = ctx.batches_covering(self.recipe.runtime.error_samples)  # errors against float are measured there
         float_out = None
         for group in self._sequential_groups(ctx) if quantized else []:
             observers = self._observers(plans, group)

@@ -101,13 +101,7 @@ class AWQPlugin:
     # -- scaling ------------------------------------------------------------------------------------------
 
     def _search_inputs(self, ctx, block: str):
-        samples, batches = 0, 0
-        for args, kwargs in ctx.inputs:
-            batches += 1
-            samples += (args[0] if args else kwargs["hidden_states"]).shape[0]
-            if samples >= self.config.search_samples:
-                break
-        return ctx.block_inputs(block, max_samples=batches)
+        return ctx.block_inputs(block, max_samples=ctx.batches_covering(self.config.search_samples))
 
     @torch.no_grad()
     def _best_scales(self, ctx, unit, stats) -> torch.Tensor | None:
