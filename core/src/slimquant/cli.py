@@ -1,4 +1,4 @@
-"""Command line: `slimquant quantize | eval | plugins | inspect`. Exit codes: 0 ok, 1 failure, 2 bad input."""
+"""Command line: `slimquant quantize | eval | export | plugins | inspect`. Exit codes: 0 ok, 1 failure, 2 bad input."""
 
 from __future__ import annotations
 
@@ -86,7 +86,8 @@ def quantize_command(
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda[:i], npu[:i]")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="output directory")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing output directory")] = False,
-    save_type: Annotated[Optional[list[str]], typer.Option(help="safe_tensor and/or numpy")] = None,
+    save_type: Annotated[Optional[list[str]], typer.Option(
+        "--save-type", "--format", help="output format (repeat): safe_tensor, numpy, or an installed one")] = None,
     part_file_size: Annotated[float, typer.Option(help="shard size in GB (0 = one file)")] = 0.0,
     eval_text: Annotated[Optional[Path], typer.Option(help="text file for perplexity before/after")] = None,
     eval_windows: Annotated[int, typer.Option(help="perplexity windows")] = 8,
@@ -147,6 +148,32 @@ def eval_command(
         run_eval_job(job, console)
     except typer.Exit:
         raise
+    except KeyboardInterrupt:
+        _interrupted()
+    except Exception as exc:  # noqa: BLE001
+        _fail(exc)
+
+
+@app.command("export")
+def export_command(
+    saved: Annotated[Path, typer.Argument(help="an output written by `slimquant quantize` (msModelSlim layout)")],
+    to: Annotated[list[str], typer.Option("--to", help="output format (repeat); see `slimquant plugins`")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="output directory")],
+    model: Annotated[Optional[str], typer.Option(help="the float model it was quantized from (folder or .gguf); "
+                                                      "default: embedded SmolLM2-135M")] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing output directory")] = False,
+    part_file_size: Annotated[float, typer.Option(help="shard size in GB (0 = one file)")] = 0.0,
+    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="check the saved files' sha256")] = True,
+) -> None:
+    """Rewrite a saved output in other formats (compressed-tensors, gguf, ... as installed)."""
+    from slimquant.config.recipe import ModelSpec
+    from slimquant.export.convert import convert_output
+
+    _setup_logging(False)
+    try:
+        files = convert_output(saved, to, output, ModelSpec(path=model), overwrite=overwrite,
+                               part_file_size=part_file_size, verify=verify)
+        console.print(f"wrote {len(files)} file(s) to {escape(str(output))}")
     except KeyboardInterrupt:
         _interrupted()
     except Exception as exc:  # noqa: BLE001

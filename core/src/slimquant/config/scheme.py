@@ -24,6 +24,9 @@ class WeightArgs(BaseModel):
     symmetric: bool = True
     strategy: Strategy | None = None
     group_size: int | None = Field(None, description="input channels per scale; the last group may be shorter")
+    scale_dtype: Literal["float32", "float16"] = Field(
+        "float32", description="float16: after quantizing, round each scale so that a format storing float16 scale "
+                               "and float16 offset (scale * unsigned zero, GGUF's Q4_1 min) holds it exactly")
 
     @model_validator(mode="before")
     @classmethod

@@ -29,6 +29,7 @@ from slimquant.plugins import AlgorithmPlan, plan_algorithms
 from slimquant.quant.actparams import ActQParams
 from slimquant.quant.fake_linear import FakeQuantLinear, materialized_weights
 from slimquant.quant.qweight import QuantizedWeight
+from slimquant.quant.scale_rounding import float16_scales
 from slimquant.runtime.catcher import catch_layer_inputs
 from slimquant.runtime.context import LayerContext, with_hidden
 from slimquant.runtime.linear_error import measure_linear_errors
@@ -171,6 +172,8 @@ class LayerwiseQuantizer:
         if result is None:
             raise PluginError(f"{name}: plugin {algorithm!r} has no quantize_weight hook")
         qweight = _checked_qweight(result, algorithm, name, module)
+        if plan.scheme.weights.scale_dtype == "float16":
+            qweight = float16_scales(qweight)
         if self.check_finite:
             _check_finite(qweight.scale, f"{name} weight scale")
         ctx.qweights[name] = qweight

@@ -39,7 +39,9 @@ def _require(condition: bool, message: str) -> None:
 def check_declaration(cls: type, group: str = ALGORITHMS) -> None:
     """Name, Config, hooks and capabilities, as the runtime will read them."""
     name = getattr(cls, "name", None)
-    _require(isinstance(name, str) and name.isidentifier(), f"{cls.__name__}.name must be an identifier string")
+    spelled = name.replace("-", "_") if group == EXPORTERS and isinstance(name, str) else name  # "compressed-tensors"
+    _require(isinstance(name, str) and spelled.isidentifier(), f"{cls.__name__}.name must be an identifier string"
+             + (" (hyphens allowed)" if group == EXPORTERS else ""))
     config = getattr(cls, "Config", None)
     _require(isinstance(config, type) and issubclass(config, BaseModel), f"{name}: Config must be a pydantic model")
     field = config.model_fields.get("name")

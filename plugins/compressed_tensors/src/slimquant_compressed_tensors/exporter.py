@@ -1,0 +1,66 @@
+"""`compressed-tensors`: a Hugging Face model folder that transformers (`AutoModelForCausalLM.from_pretrained`)
+and vLLM load: pack-quantized weight-only Linears (W4A16, W8A16, ...), int-quantized W8A8 (static or dynamic)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+from slimquant.errors import OutputError
+from slimquant.hookspecs import hookimpl
+from slimquant.quant.fake_linear import FakeQuantLinear
+from slimquant_compressed_tensors.checkpoint import (
+    check_structure,
+    float_tensors,
+    reference_model,
+    write_configs,
+    write_tensors,
+)
+from slimquant_compressed_tensors.quant_config import quantization_config
+from slimquant_compressed_tensors.schemes import spec_from_module, spec_from_plan, spec_problems, weight_problems
+from slimquant_compressed_tensors.tensors import linear_tensors
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    return model.get_input_embeddings().weight.dtype
+
+
+class CompressedTensorsExporter:
+    name = "compressed-tensors"
+
+    class Config(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        name: Literal["compressed-tensors"] = "compressed-tensors"
+
+    def __init__(self, config: BaseModel | None = None):
+        self.config = config
+
+    @hookimpl
+    def check(self, plan, name, shape):
+        return spec_problems(spec_from_plan(plan), name, shape)
+
+    @hookimpl
+    def export(self, model, output_dir, options):
+        options = options or {}
+        fakes = {n: m for n, m in model.named_modules() if isinstance(m, FakeQuantLinear)}
+        if not fakes:
+            raise OutputError("the model holds no quantized Linear; a compressed-tensors checkpoint needs one")
+        dtype = model_dtype(model)
+        specs = {n: spec_from_module(m) for n, m in fakes.items()}
+        reference = reference_model(model)
+        problems = check_structure(model, reference, fakes)
+        for n, m in fakes.items():
+            problems += spec_problems(specs[n], n, tuple(m.qweight.shape)) + weight_problems(n, m, dtype)
+        if problems:
+            raise OutputError("compressed-tensors cannot hold this model exactly:\n  " + "\n  ".join(problems))
+        tensors = float_tensors(model, reference, fakes, dtype)
+        for n, m in fakes.items():
+            tensors.update(linear_tensors(n, m, specs[n], dtype))
+        float_linears = [n for n, m in reference.named_modules() if isinstance(m, nn.Linear) and n not in fakes]
+        out_dir = Path(output_dir)
+        files = write_tensors(tensors, out_dir, options.get("part_file_size", 0) or 0)
+        return files + write_configs(model, quantization_config(specs, float_linears), dtype, out_dir)

@@ -1,0 +1,66 @@
+"""What a GGUF file of Q4_0 / Q4_1 / Q8_0 blocks cannot hold, from a plan (before quantizing) or from the
+quantized model (at export, also for `slimquant export` of an earlier output)."""
+
+from __future__ import annotations
+
+import torch
+
+from slimquant.quant.fake_linear import FakeQuantLinear
+from slimquant.quant.qweight import contiguous_g_idx
+from slimquant_gguf.blocks import BLOCK, block_params, quant_type
+
+
+def weight_problems(bits: int, symmetric: bool, group_size: int | None, has_act: bool, name: str | None,
+                    shape: tuple[int, int] | None) -> list[str]:
+    problems = []
+    if quant_type(bits, symmetric) is None:
+        problems.append(f"weights.bits: gguf holds 4-bit (Q4_0 symmetric, Q4_1 asymmetric) and symmetric 8-bit "
+                        f"(Q8_0) weights, not {'symmetric' if symmetric else 'asymmetric'} {bits}-bit")
+    if group_size is not None and (group_size < BLOCK or group_size % BLOCK):
+        problems.append(f"weights.group_size: gguf blocks hold {BLOCK} weights with one scale; group_size "
+                        f"{group_size} is not a multiple of {BLOCK}")
+    if shape is not None and shape[1] % BLOCK:
+        problems.append(f"weights: {name} has {shape[1]} input channels, not a multiple of the {BLOCK}-weight "
+                        "gguf block")
+    if has_act:
+        problems.append("activations: gguf stores weights only (llama.cpp quantizes activations itself); use a "
+                        "weight-only scheme")
+    return problems
+
+
+def plan_problems(plan, name: str | None, shape: tuple[int, int] | None) -> list[str]:
+    w = plan.scheme.weights
+    group = w.group_size if w.strategy == "group" else None
+    problems = weight_problems(w.bits, w.symmetric, group, plan.scheme.activations is not None, name, shape)
+    if w.scale_dtype != "float16":
+        problems.append("weights.scale_dtype: gguf stores float16 scales; set scale_dtype: float16 so that the "
+                        "quantized model uses exactly the scales the file holds")
+    return problems
+
+
+def _exact_half(t: torch.Tensor) -> bool:
+    return bool(torch.equal(t.half().float(), t)) and bool(torch.isfinite(t.half()).all())
+
+
+def module_problems(name: str, module: FakeQuantLinear) -> list[str]:
+    qw = module.qweight
+    problems = weight_problems(qw.bits, qw.symmetric, qw.group_size, module.act is not None, name, tuple(qw.shape))
+    if problems:
+        return problems
+    if qw.codebook is not None:
+        problems.append(f"{name}: weights on a codebook grid (NF4) have no gguf block type here")
+    if qw.zero is not None and not torch.equal(qw.zero, torch.round(qw.zero)):
+        problems.append(f"{name}: fractional zero points (HQQ) cannot be stored in Q4_1 blocks exactly")
+    if qw.g_idx is not None and not torch.equal(qw.g_idx.cpu().to(torch.int32),
+                                                contiguous_g_idx(qw.shape[1], qw.group_size)):
+        problems.append(f"{name}: permuted groups (act-order g_idx) cannot be stored; gguf blocks are contiguous")
+    if problems:
+        return problems
+    d, m = block_params(qw)
+    if not _exact_half(d):
+        problems.append(f"{name}: weight scales are not exactly float16 (gguf's d); quantize with weights."
+                        "scale_dtype: float16")
+    if m is not None and not _exact_half(m):
+        problems.append(f"{name}: -scale * (zero + 8) is not exactly float16 (Q4_1's m); quantize with weights."
+                        "scale_dtype: float16")
+    return problems

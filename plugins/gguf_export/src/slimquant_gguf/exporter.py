@@ -1,0 +1,111 @@
+"""`gguf`: one .gguf file that llama.cpp loads, for Llama-architecture models: quantized Linears as Q4_0 / Q4_1 /
+Q8_0 blocks built from their codes and scales (no re-quantization), every other tensor in float32."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Literal
+
+import gguf
+from pydantic import BaseModel, ConfigDict
+
+from slimquant.errors import OutputError
+from slimquant.hookspecs import hookimpl
+from slimquant.quant.fake_linear import FakeQuantLinear
+from slimquant.quant.qweight import QuantizedWeight
+from slimquant_gguf.blocks import Q4_0, Q4_1, Q8_0, encode_blocks
+from slimquant_gguf.checks import module_problems, plan_problems
+from slimquant_gguf.llama import ARCH, gguf_name, permute_rows, rope_heads, write_hyperparameters
+from slimquant_gguf.tokenizer import copy_tokenizer
+
+FILE_NAME = "model.gguf"
+FILE_TYPES = {Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0, Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1,
+              Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0}
+
+
+def _model_problems(model) -> list[str]:
+    config = model.config
+    if config.model_type != ARCH:
+        return [f"the model is a {config.model_type!r} model; the gguf exporter writes Llama-architecture models"]
+    rope = getattr(config, "rope_parameters", None) or {}
+    if isinstance(rope, dict) and rope.get("rope_type", "default") != "default":
+        return [f"rope_parameters.rope_type {rope['rope_type']!r}: the gguf exporter writes default RoPE only"]
+    return []
+
+
+def _permuted(qw: QuantizedWeight, heads: int | None) -> QuantizedWeight:
+    if heads is None:
+        return qw
+    rows = lambda t: None if t is None else permute_rows(t, heads)  # noqa: E731
+    return QuantizedWeight(rows(qw.codes), rows(qw.scale), rows(qw.zero), qw.bits, qw.group_size)
+
+
+class GGUFExporter:
+    name = "gguf"
+
+    class Config(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        name: Literal["gguf"] = "gguf"
+
+    def __init__(self, config: BaseModel | None = None):
+        self.config = config
+
+    @hookimpl
+    def check(self, plan, name, shape):
+        return plan_problems(plan, name, shape)
+
+    @hookimpl
+    def export(self, model, output_dir, options):
+        config = model.config
+        fakes = {n: m for n, m in model.named_modules() if isinstance(m, FakeQuantLinear)}
+        problems = _model_problems(model)
+        for n, m in fakes.items():
+            problems += module_problems(n, m)
+        tensors = self._tensor_list(model, fakes, problems)
+        if problems:
+            raise OutputError("gguf cannot hold this model exactly:\n  " + "\n  ".join(problems))
+        path = Path(output_dir) / FILE_NAME
+        writer = gguf.GGUFWriter(path, ARCH)
+        write_hyperparameters(writer, config, getattr(config, "_name_or_path", "") or type(model).__name__)
+        copy_tokenizer(writer, config)
+        kinds = Counter()
+        for gname, hf_name, value in tensors:
+            heads = rope_heads(hf_name, config)
+            if isinstance(value, FakeQuantLinear):
+                data, kind = encode_blocks(_permuted(value.qweight, heads))
+                writer.add_tensor(gname, data, raw_dtype=kind)
+                kinds[kind] += 1
+            else:
+                t = value.detach().cpu().float()
+                writer.add_tensor(gname, (t if heads is None else permute_rows(t, heads)).numpy())
+        writer.add_file_type(FILE_TYPES[kinds.most_common(1)[0][0]] if kinds else gguf.LlamaFileType.ALL_F32)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        return [path]
+
+    @staticmethod
+    def _tensor_list(model, fakes: dict, problems: list[str]) -> list[tuple[str, str, object]]:
+        """(gguf name, HF name, tensor or FakeQuantLinear) in state-dict order; the tied lm_head left out."""
+        config = model.config
+        tie = bool(getattr(config, "tie_word_embeddings", False))
+        out, done = [], set()
+        for key, t in model.state_dict(keep_vars=True).items():
+            owner, _, leaf = key.rpartition(".")
+            if owner in fakes:
+                if owner in done:
+                    continue
+                done.add(owner)
+                key, t = f"{owner}.weight", fakes[owner]
+                if fakes[owner].bias is not None:
+                    out.append((gguf_name(f"{owner}.bias", config), f"{owner}.bias", fakes[owner].bias))
+            if tie and key == "lm_head.weight":
+                continue
+            gname = gguf_name(key, config)
+            if gname is None:
+                problems.append(f"tensor {key} has no gguf name in a Llama model (changed by smoothing?)")
+                continue
+            out.append((gname, key, t))
+        return out

@@ -1,0 +1,133 @@
+"""gguf export: the file's blocks dequantize (gguf.quants) to the fake-quantized weights exactly, and transformers
+loads it back to the same logits."""
+
+import gguf
+import pytest
+import torch
+import transformers
+from gguf.quants import dequantize
+
+from slimquant import quantize
+from slimquant.config.scheme import ActArgs, Scheme, WeightArgs
+from slimquant.errors import OutputError
+from slimquant.export import save_quantized
+from slimquant.plugins import EXPORTERS
+from slimquant.quant.fake_linear import FakeQuantLinear
+from slimquant.runtime.plan import LinearPlan
+from slimquant.testing import check_declaration, tiny_model, token_samples
+from slimquant_gguf import GGUFExporter, permute_rows, unpermute_rows
+from slimquant_gguf.llama import gguf_name, rope_heads
+
+IDS = token_samples(1, 16, seed=99)[0]
+CASES = {"Q4_0": dict(bits=4, symmetric=True, group_size=32), "Q4_1": dict(bits=4, symmetric=False, group_size=64),
+         "Q8_0": dict(bits=8, symmetric=True)}
+
+
+def quantized(weights, arch="llama"):
+    model = tiny_model(arch)
+    quantize(model, {"weights": {**weights, "scale_dtype": "float16"}, "runtime": {"progress": False}})
+    return model
+
+
+def test_contract():
+    check_declaration(GGUFExporter, EXPORTERS)
+
+
+def test_permutation_is_llama_cpps_and_inverts():
+    w = torch.arange(32).reshape(8, 4)
+    assert torch.equal(permute_rows(w, 2)[:, 0], torch.tensor([0, 8, 4, 12, 16, 24, 20, 28]))
+    assert torch.equal(unpermute_rows(permute_rows(w, 2), 2), w)
+
+
+@pytest.mark.parametrize("kind", list(CASES))
+def test_blocks_dequantize_to_the_fake_quantized_weights(tmp_path, kind):
+    model = quantized(CASES[kind])
+    expected = model(IDS).logits
+    save_quantized(model, tmp_path / "out", save_type=["gguf"])
+    reader = gguf.GGUFReader(tmp_path / "out" / "model.gguf")
+    assert reader.fields["general.architecture"].contents() == "llama"
+    assert reader.fields["llama.block_count"].contents() == 2
+    assert reader.fields["llama.attention.head_count_kv"].contents() == 2
+    assert reader.fields["tokenizer.ggml.model"].contents() == "none"
+    tensors = {t.name: t for t in reader.tensors}
+    state = model.state_dict()
+    assert len(tensors) == 2 + 2 * 9 + 1  # embeddings, output_norm, output; per block 2 norms and 7 Linears
+    for name, module in model.named_modules():
+        gname = gguf_name(f"{name}.weight", model.config)
+        if isinstance(module, FakeQuantLinear):
+            t = tensors.pop(gname)
+            assert t.tensor_type.name == kind, name
+            values = torch.from_numpy(dequantize(t.data, t.tensor_type).copy()).reshape(module.weight.shape)
+            heads = rope_heads(f"{name}.weight", model.config)
+            assert torch.equal(values if heads is None else unpermute_rows(values, heads), module.weight), name
+    for gname, t in tensors.items():
+        assert t.tensor_type == gguf.GGMLQuantizationType.F32, gname
+    assert torch.equal(torch.from_numpy(tensors["token_embd.weight"].data.copy()), state["model.embed_tokens.weight"])
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), gguf_file="model.gguf").eval()
+    assert torch.allclose(loaded(IDS).logits, expected, atol=1e-5, rtol=0)
+
+
+def test_tied_embeddings_leave_out_output_weight(tmp_path):
+    model = quantized(CASES["Q8_0"])
+    model.config.tie_word_embeddings = True
+    model.lm_head.weight = model.model.embed_tokens.weight
+    save_quantized(model, tmp_path / "out", save_type=["gguf"])
+    names = {t.name for t in gguf.GGUFReader(tmp_path / "out" / "model.gguf").tensors}
+    assert "output.weight" not in names and "token_embd.weight" in names
+
+
+def plan(weights, activations=None):
+    return LinearPlan(Scheme(weights=WeightArgs(**weights), activations=activations), "minmax", "minmax")
+
+
+@pytest.mark.parametrize(("weights", "act", "message"), [
+    ({"bits": 3, "group_size": 32}, None, "weights.bits: gguf holds 4-bit"),
+    ({"bits": 8, "symmetric": False}, None, "weights.bits: gguf holds 4-bit"),
+    ({"bits": 4, "group_size": 16}, None, "weights.group_size: gguf blocks hold 32 weights"),
+    ({"bits": 4, "group_size": 48}, None, "group_size 48 is not a multiple of 32"),
+    ({"bits": 8}, ActArgs(), "activations: gguf stores weights only"),
+])
+def test_check_refuses_what_the_format_lacks(weights, act, message):
+    problems = GGUFExporter().check(plan=plan({**weights, "scale_dtype": "float16"}, act), name=None, shape=None)
+    assert any(message in p for p in problems), problems
+
+
+def test_check_requires_float16_scales_and_whole_blocks():
+    exporter = GGUFExporter()
+    [scales] = exporter.check(plan=plan({"bits": 4, "group_size": 32}), name=None, shape=None)
+    assert scales.startswith("weights.scale_dtype: gguf stores float16 scales; set scale_dtype: float16")
+    [width] = exporter.check(plan=plan({"bits": 8, "scale_dtype": "float16"}), name="x", shape=(4, 40))
+    assert width == "weights: x has 40 input channels, not a multiple of the 32-weight gguf block"
+
+
+def refusal(tmp_path, model, edit):
+    name, fake = next((n, m) for n, m in model.named_modules() if isinstance(m, FakeQuantLinear))
+    edit(fake)
+    with pytest.raises(OutputError) as err:
+        save_quantized(model, tmp_path / "out", save_type=["gguf"])
+    assert not (tmp_path / "out").exists()
+    return name, str(err.value)
+
+
+def test_export_refusals(tmp_path):
+    model = quantized(CASES["Q4_1"])
+    name, msg = refusal(tmp_path, model, lambda f: f.weight_zero.add_(0.5))
+    assert f"{name}: fractional zero points (HQQ) cannot be stored" in msg
+    model = quantized(CASES["Q4_0"])
+    name, msg = refusal(tmp_path, model, lambda f: setattr(f, "weight_scale", f.weight_scale * (1 + 2**-14)))
+    assert f"{name}: weight scales are not exactly float16 (gguf's d)" in msg
+    name, msg = refusal(tmp_path, quantized(CASES["Q4_0"]), lambda f: setattr(f, "codebook", torch.linspace(-1, 1, 16)))
+    assert f"{name}: weights on a codebook grid (NF4)" in msg
+    g_idx = torch.arange(64, dtype=torch.int32).flip(0) // 32
+    name, msg = refusal(tmp_path, quantized(CASES["Q4_0"]), lambda f: setattr(f, "g_idx", g_idx))
+    assert f"{name}: permuted groups (act-order g_idx) cannot be stored" in msg
+    _, msg = refusal(tmp_path, quantized(CASES["Q8_0"], arch="qwen2"), lambda f: None)
+    assert "the model is a 'qwen2' model; the gguf exporter writes Llama-architecture models" in msg
+
+
+def test_float16_scales_make_q4_1_offsets_exact():
+    model = quantized(CASES["Q4_1"])
+    for module in model.modules():
+        if isinstance(module, FakeQuantLinear):
+            m = module.weight_scale * (module.weight_zero + 8)
+            assert torch.equal(m.half().float(), m)
