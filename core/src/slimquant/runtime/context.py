@@ -104,6 +104,36 @@ class LayerContext:
         return caught
 
     @torch.no_grad()
+    def linear_inputs(self, names: list[str], max_samples: int | None = None,
+                      max_tokens: int | None = None) -> dict[str, torch.Tensor]:
+        """The input rows ``[tokens, in_features]`` that each Linear of `names` receives on the layer's calibration
+        inputs, as the layer is now, from one run of the layer over at most `max_samples` inputs. With `max_tokens`,
+        at most that many rows per Linear, evenly spaced. A Linear that sees no token (an MoE expert the router never
+        chose) is left out."""
+        caught: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+
+        def make_hook(name):
+            def catch(module, args):
+                caught[name].append(args[0].detach().reshape(-1, args[0].shape[-1]))
+            return catch
+
+        handles = [self.module(name).register_forward_pre_hook(make_hook(name)) for name in names]
+        try:
+            self.run_layer(self.inputs[:max_samples])
+        finally:
+            for handle in handles:
+                handle.remove()
+        rows = {}
+        for name, parts in caught.items():
+            x = torch.cat(parts) if parts else None
+            if x is None or not x.shape[0]:
+                continue
+            if max_tokens is not None and x.shape[0] > max_tokens:
+                x = x[torch.linspace(0, x.shape[0] - 1, max_tokens, device=x.device).long()]
+            rows[name] = x
+        return rows
+
+    @torch.no_grad()
     def run_block(self, block: str, inputs: list[LayerInput]) -> list[torch.Tensor]:
         """Run the sub-module `block` on inputs from `block_inputs`; returns its first output per input."""
         module = self._block(block)

@@ -94,9 +94,11 @@ class AWQPlugin:
                 guard.apply(unit, lambda unit=unit, s=s: smoothing.scale_unit(unit, s))
         guard.report()
         if self.config.clip:
-            for name in ctx.quantized_names():
-                if not any(name_matches(p, name) for p in self.config.clip_skip):
-                    self._clip(ctx, name)
+            names = [n for n in ctx.quantized_names() if not any(name_matches(p, n) for p in self.config.clip_skip)]
+            inputs = ctx.linear_inputs(names, ctx.batches_covering(self.config.search_samples),
+                                       self.config.clip_tokens)
+            for name, x in inputs.items():
+                self._clip(ctx, name, x)
 
     # -- scaling ------------------------------------------------------------------------------------------
 
@@ -162,15 +164,10 @@ class AWQPlugin:
     # -- clipping -----------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def _clip(self, ctx, name: str) -> None:
+    def _clip(self, ctx, name: str, x: torch.Tensor) -> None:
         args = ctx.plan(name).scheme.weights
         linear = ctx.module(name)
-        inputs = self._search_inputs(ctx, name[len(ctx.prefix) + 1:])
-        if not inputs:  # an MoE expert the router never chose on these samples
-            return
-        x = torch.cat([(a[0] if a else k["input"]).reshape(-1, linear.in_features) for a, k in inputs]).float()
-        if x.shape[0] > self.config.clip_tokens:
-            x = x[torch.linspace(0, x.shape[0] - 1, self.config.clip_tokens).long()]
+        x = x.float()
         w = linear.weight.detach().float()
         cols = w.shape[1]
         group = args.group_size if args.strategy == "group" else cols

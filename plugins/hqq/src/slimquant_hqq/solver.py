@@ -4,7 +4,8 @@ sum |W - dequant(quant(W))|^p (p < 1, robust to outliers), found by alternating 
 With a splitting variable W_e for the error, each iteration
   1. rounds:          W_q = clamp(round(W / s + z)),  W_r = (W_q - z) * s
   2. shrinks (prox):  W_e = sign(d) * relu(|d| - |d|^(p-1) / beta),  d = W - W_r   (the lp proximal step)
-  3. solves for z:    z = mean(W_q - (W - W_e) / s)   over the group (closed form)
+  3. solves for z:    z = mean(W_q - (W - W_e) / s)   over the group (closed form), which is
+                      z - mean(d - W_e) / s  with  d - W_e = clamp(d, -|d|^(p-1)/beta, |d|^(p-1)/beta)
   4. beta *= kappa
 and optionally (optimize_scale) refits the step s by least squares, s = <W_q - z, W - W_e> / |W_q - z|^2.
 The zero point may be fractional. As in the reference implementation (hqq 0.2.8) the loop stops once the mean
@@ -58,10 +59,66 @@ def _grouped(w: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor | N
     return w.reshape(rows * groups, size), mask.view(groups, size).repeat(rows, 1)
 
 
-def _shrink(d: torch.Tensor, beta: float, p: float) -> torch.Tensor:
+def _no_shrink_below(beta: float, p: float) -> float:
+    """The lp proximal step leaves an error d alone (w_e = 0) when |d| <= |d|^(p-1) / beta, i.e. below this bound;
+    typical rounding errors are far below it, so the costly power is only taken when some error exceeds it."""
+    return beta ** (-1.0 / (2.0 - p))
+
+
+def _coupled_error(d: torch.Tensor, beta: float, p: float) -> torch.Tensor:
+    """d - W_e, with W_e = sign(d) * relu(|d| - |d|^(p-1) / beta) the shrunk error: d clamped to +-|d|^(p-1)/beta."""
     magnitude = d.abs()
-    threshold = magnitude.clamp_min(1e-8).pow_(p - 1).div_(beta)
-    return magnitude.sub_(threshold).clamp_min_(0).mul_(torch.sign(d))
+    if float(magnitude.max()) <= _no_shrink_below(beta, p):
+        return d
+    threshold = magnitude.clamp_min_(1e-8).pow_(p - 1).div_(beta)
+    return torch.clamp(d, min=threshold.neg(), max=threshold)
+
+
+@torch.no_grad()
+def _solve(w, mask, count, inverse, zero, s: HQQSettings, lo: int, hi: int):
+    """The half-quadratic iterations; returns (step, zero). Each iteration walks the groups in chunks of rows that
+    stay in cache, so a weight is read from memory about once per iteration instead of once per operation."""
+    step = 1.0 / inverse
+    beta, best_mean = s.beta, float("inf")
+    numel = w.shape[0] * w.shape[1] if mask is None else float(mask.sum())
+    for _ in range(s.iters):
+        new_zero, new_step, total_abs = torch.empty_like(zero), step.clone(), 0.0
+        for rows in _chunks(w.shape[0], w.shape[1]):
+            wc, inv, z = w[rows], inverse[rows, None], zero[rows, None]
+            u = torch.addcmul(z, wc, inv)
+            d = u.sub(u.round().clamp_(lo, hi)).mul_(step[rows, None])  # W - W_r, W_r the dequantized weight
+            coupled = _coupled_error(d, beta, s.lp_norm)
+            if mask is not None:
+                coupled = coupled * mask[rows]
+            z_new = zero[rows] - inverse[rows] * (coupled.sum(1) / (count if mask is None else count[rows]))
+            new_zero[rows] = z_new
+            if s.optimize_scale:
+                centred = torch.addcmul(z_new[:, None], wc, inv).round_().clamp_(lo, hi).sub_(z_new[:, None])
+                if mask is not None:
+                    centred.mul_(mask[rows])
+                target = wc - d + coupled  # W - W_e
+                fitted = (centred * target).sum(1) / centred.pow(2).sum(1).clamp_min(1e-12)
+                new_step[rows] = fitted.clamp_min(1.0 / MAX_INVERSE_STEP)
+            magnitude = d.abs_()
+            total_abs += float((magnitude if mask is None else magnitude.mul_(mask[rows])).sum())
+        zero = new_zero
+        if s.optimize_scale:
+            step, inverse = new_step, 1.0 / new_step
+        beta *= s.kappa
+        mean_abs = total_abs / numel
+        if mean_abs < best_mean:
+            best_mean = mean_abs
+        elif s.early_stop:
+            break
+    return step, zero
+
+
+CHUNK_ELEMENTS = 1 << 17  # 512 KiB of float32 per operand: the working set of one chunk fits a core's L2
+
+
+def _chunks(rows: int, cols: int) -> list[slice]:
+    per = max(1, CHUNK_ELEMENTS // cols)
+    return [slice(a, min(rows, a + per)) for a in range(0, rows, per)]
 
 
 @torch.no_grad()
@@ -82,29 +139,7 @@ def hqq_quantize(weight: torch.Tensor, s: HQQSettings) -> QuantizedWeight:
     zero = lo - wmin * inverse
     if s.round_zero:
         zero = zero.round()
-    step = 1.0 / inverse
-    beta, best_mean = s.beta, float("inf")
-    for _ in range(s.iters):
-        w_q = torch.round(w * inverse[:, None] + zero[:, None]).clamp_(lo, hi)
-        w_r = (w_q - zero[:, None]).mul_(step[:, None])
-        d = w - w_r
-        w_e = _shrink(d, beta, s.lp_norm)
-        residual = w_q.sub_(w.sub(w_e).mul_(inverse[:, None]))
-        zero = (residual if mask is None else residual.mul_(mask)).sum(1) / count
-        if s.optimize_scale:
-            centred = torch.round(w * inverse[:, None] + zero[:, None]).clamp_(lo, hi).sub_(zero[:, None])
-            if mask is not None:
-                centred.mul_(mask)
-            fitted = (centred * (w - w_e)).sum(1) / centred.pow(2).sum(1).clamp_min(1e-12)
-            step = fitted.clamp_min(1.0 / MAX_INVERSE_STEP)
-            inverse = 1.0 / step
-        beta *= s.kappa
-        magnitude = d.abs_()
-        mean_abs = float((magnitude if mask is None else magnitude.mul_(mask)).sum()) / (rows * cols)
-        if mean_abs < best_mean:
-            best_mean = mean_abs
-        elif s.early_stop:
-            break
+    step, zero = _solve(w, mask, count, inverse, zero, s, lo, hi)
 
     # The weight falls back to round-to-nearest if the solver's lp error came out larger (a guarantee the reference
     # lacks; per group the solver may trade lp error between groups, which helps perplexity, so it is kept whole).
