@@ -73,7 +73,7 @@ def test_atomic_dir_turns_os_errors_into_output_errors(tmp_path):
 def test_bad_arguments_are_refused_before_writing(float_model, tmp_path):
     model, report = quantized(float_model, "W8A8_DYNAMIC")
     with pytest.raises(OutputError, match="save_type"):
-        save_quantized(model, tmp_path / "a", save_type=["gguf"])
+        save_quantized(model, tmp_path / "a", save_type=["no-such-format"])
     with pytest.raises(OutputError, match="part_file_size"):
         save_quantized(model, tmp_path / "b", part_file_size=-1)
     wrong = {**report.linear_types(), "model.layers.0.mlp.up_proj": "W4A16"}
