@@ -28,10 +28,20 @@ A plugin is a class with:
       Whether the quantize-phase observation pass must show this plugin the inputs of a Linear with that
       ``LinearPlan``. A plugin with an ``observe`` hook and no ``observes`` method observes every Linear whose
       plan names it.
+  ``accepts_weight_grid: bool`` (default False)
+      True when the plugin's ``quantize_weight`` rounds onto the grid another plugin provides (``ctx.grid(name)``,
+      see ``weight_grid`` below) instead of always onto the uniform one: minmax and gptq do.
   ``aliases: dict[str, str]`` (default empty)
       The names other tools give this algorithm, for slimquant's compatibility APIs: keys
       ``"msmodelslim.w_method"``, ``"msmodelslim.anti_method"``, ``"paddleslim"``; e.g. ``{"msmodelslim.w_method":
       "GPTQ"}``. The compatibility APIs look plugins up by these, never by a name written into slimquant.
+
+Weight grids: a plugin may define the values a weight's codes stand for (a codebook such as NF4, with its way of
+choosing each group's scale) through ``weight_grid``. When a recipe names two weight algorithms and exactly one of
+them provides ``weight_grid``, that one is the plan's grid provider (``LinearPlan.grid_algorithm``) and the other
+chooses the codes on its grid (``[nf4, gptq]``: GPTQ's error feedback, NF4's format); the one that chooses must
+declare ``accepts_weight_grid``. A grid provider named alone both provides the grid and quantizes. Without a grid
+provider a plan has ``grid_algorithm`` None and every algorithm rounds onto the uniform integer grid.
 
 Dispatch: the runtime calls each hook on the one plugin the plan chose for that call (the Linear's weight
 algorithm, its activation algorithm, the smoother whose turn it is, the exporter of that format), with keyword
@@ -107,6 +117,20 @@ def quantize_weight(ctx, name: str, module, args):
     Return a ``slimquant.quant.QuantizedWeight`` of the Linear's shape. The float weight is still in place; the
     runtime swaps the Linear for a ``FakeQuantLinear`` afterwards. Called once per quantized Linear, after the
     observation pass of its sequential group.
+    """
+
+
+@hookspec(firstresult=True)
+def weight_grid(args):
+    """The grid (a ``slimquant.quant.grid.WeightGrid``) that weights with ``args`` (a ``WeightArgs``) are rounded
+    onto, on the plugin a Linear's plan names as its ``grid_algorithm``; None for the uniform integer grid.
+
+    The grid chooses each group's scale from the group's weights (``qparams``), how the scales are stored
+    (``quantize_scales``: float32, or rounded, e.g. double-quantized), and the value of each code
+    (``quantize`` / ``dequantize``, ``codebook``). Weight algorithms get it through ``ctx.grid(name)`` (built once
+    per distinct ``args`` and cached) and return a ``QuantizedWeight`` on it: the runtime refuses one whose codebook
+    differs from the grid's. Refuse arguments the grid cannot hold (``weights.bits``) in ``check``: the runtime
+    calls ``check`` on the grid provider of every plan too. Must not modify anything.
     """
 
 

@@ -29,7 +29,7 @@ from slimquant.export.reader import QuantizedFiles
 from slimquant.model.structure import normalize_linears, set_submodule
 from slimquant.quant.actparams import ActQParams
 from slimquant.quant.fake_linear import FakeQuantLinear
-from slimquant.quant.qweight import QuantizedWeight, qrange
+from slimquant.quant.qweight import QuantizedScale, QuantizedWeight, qrange
 from slimquant.smoothing import ensure_bias
 
 __all__ = ["load_quantized", "read_linear"]
@@ -168,13 +168,24 @@ def _codebook(files: QuantizedFiles, name: str, meta: LinearMeta) -> torch.Tenso
     return _float_values(key, _tensor(files, key, (2 ** meta.bits,)))
 
 
+def _stored_scale(files: QuantizedFiles, name: str, meta: LinearMeta) -> QuantizedScale:
+    why = f"scales stored as codes (scale_block: {meta.scale_block})"
+    codes = _tensor(files, f"{name}.weight_scale", (meta.out_features, meta.groups), torch.int8)
+    blocks = -(-codes.numel() // meta.scale_block)
+    key = _required(files, name, "weight_scale_scale", why)
+    block_scale = _float_values(key, _tensor(files, key, (blocks,)))
+    key = _required(files, name, "weight_scale_offset", why)
+    return QuantizedScale(codes, block_scale, _float_values(key, _tensor(files, key, (1,))), meta.scale_block)
+
+
 def read_linear(files: QuantizedFiles, name: str, meta: LinearMeta
                 ) -> tuple[QuantizedWeight, torch.Tensor | None, ActQParams | None]:
     """The saved quantized Linear `name` (weight, bias, activation parameters), every tensor checked against
     its description: dtypes, shapes, codes within the declared bits, offsets against `symmetric`, g_idx range."""
     _check_owned_tensors(files, name, meta)
     codes = _codes(files, name, meta)
-    scale = _scale(files, f"{name}.weight_scale", meta.out_features, meta.groups)
+    stored = _stored_scale(files, name, meta) if meta.scale_block else None
+    scale = stored.dequantize() if stored else _scale(files, f"{name}.weight_scale", meta.out_features, meta.groups)
     zero = _weight_offset(files, name, meta)
     g_idx = _g_idx(files, name, meta)
     extras = {e: files.get(f"{name}.{e}") for e in meta.extras}
@@ -183,7 +194,8 @@ def read_linear(files: QuantizedFiles, name: str, meta: LinearMeta
         zero = None
     bias = _bias(files, name, meta)
     try:
-        qweight = QuantizedWeight(codes, scale, zero, meta.bits, meta.group_size or None, g_idx, extras, codebook)
+        qweight = QuantizedWeight(codes, scale, zero, meta.bits, meta.group_size or None, g_idx, extras, codebook,
+                                  stored)
         act = _act(files, name, meta)
     except ValueError as exc:
         raise OutputError(f"{name}: saved quantization parameters are invalid: {exc}") from None

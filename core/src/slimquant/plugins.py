@@ -20,8 +20,8 @@ from slimquant.errors import PluginError, RecipeError
 ALGORITHMS = "slimquant.plugins"
 EXPORTERS = "slimquant.exporters"
 KIND = {ALGORITHMS: "algorithm", EXPORTERS: "output format"}
-HOOK_NAMES = ("check", "observe", "smooth", "quantize_weight", "quantize_act", "export")
-ALGORITHM_HOOKS = ("observe", "smooth", "quantize_weight", "quantize_act")
+HOOK_NAMES = ("check", "observe", "smooth", "quantize_weight", "quantize_act", "weight_grid", "export")
+ALGORITHM_HOOKS = ("observe", "smooth", "quantize_weight", "quantize_act", "weight_grid")
 DEFAULT_ALGORITHM = "minmax"
 
 
@@ -104,6 +104,10 @@ def is_sequential(plugin) -> bool:
     return bool(getattr(plugin, "sequential", False))
 
 
+def accepts_weight_grid(plugin_or_class) -> bool:
+    return bool(getattr(plugin_or_class, "accepts_weight_grid", False))
+
+
 def observes(plugin, plan) -> bool:
     if "observe" not in hooks_of(type(plugin)):
         return False
@@ -168,6 +172,14 @@ class AlgorithmPlan:
     weight_algorithm: str
     act_algorithm: str
     exporters: PluginSet = field(default_factory=lambda: PluginSet({}))
+    grid_algorithm: str | None = None  # the plugin whose weight_grid every Linear's codes are rounded onto
+
+    def grid_for(self, weight_algorithm: str) -> str | None:
+        """The grid provider of a Linear quantized by `weight_algorithm`: the recipe's, or the algorithm's own when
+        it provides a grid itself (an override naming nf4)."""
+        if "weight_grid" in hooks_of(type(self.plugins.get(weight_algorithm))):
+            return weight_algorithm
+        return self.grid_algorithm
 
     def requires_calibration_data(self, plans) -> bool:
         """False when every Linear can be quantized from its weight alone: the data-free path."""
@@ -187,10 +199,11 @@ class AlgorithmPlan:
         from slimquant.runtime.plan import LinearPlan, override_scheme
 
         base = recipe.base_scheme()
-        plans = [LinearPlan(base, self.weight_algorithm, self.act_algorithm)]
+        plans = [LinearPlan(base, self.weight_algorithm, self.act_algorithm, self.grid_for(self.weight_algorithm))]
         for override in recipe.overrides:
-            plans.append(LinearPlan(override_scheme(base, override), override.algorithm or self.weight_algorithm,
-                                    self.act_algorithm))
+            algorithm = override.algorithm or self.weight_algorithm
+            plans.append(LinearPlan(override_scheme(base, override), algorithm, self.act_algorithm,
+                                    self.grid_for(algorithm)))
         return plans
 
     def sequential(self, plans) -> bool:
@@ -205,7 +218,12 @@ class AlgorithmPlan:
     def check(self, plan, name: str | None = None, shape: tuple[int, int] | None = None) -> list[str]:
         act = [plan.act_algorithm] if plan.scheme.activations else []
         problems = []
-        for plugin in dict.fromkeys([plan.weight_algorithm, *act, *self.smoothers]):
+        grid = [plan.grid_algorithm] if plan.grid_algorithm else []
+        quantizer = self.plugins.get(plan.weight_algorithm)
+        if grid and grid != [plan.weight_algorithm] and not accepts_weight_grid(quantizer):
+            problems.append(f"{plan.weight_algorithm}: cannot round onto the weight grid of {plan.grid_algorithm!r} "
+                            "(it does not declare accepts_weight_grid)")
+        for plugin in dict.fromkeys([plan.weight_algorithm, *grid, *act, *self.smoothers]):
             problems += [f"{plugin}: {p}" for p in self.plugins.call(plugin, "check", plan=plan, name=name,
                                                                      shape=shape) or []]
         for fmt in self.exporters.plugins:
@@ -219,6 +237,21 @@ def _single(role: str, candidates: list[str]) -> str:
         raise RecipeError(f"several {role} algorithms named: {', '.join(candidates)}; name one, "
                           "and pick others per layer with `overrides: [{targets: ..., algorithm: ...}]`")
     return candidates[0] if candidates else DEFAULT_ALGORITHM
+
+
+def _grid_provider(weight_algos: list[str], classes: dict[str, type]) -> tuple[str | None, list[str]]:
+    """Of two weight algorithms, the one that alone provides `weight_grid` provides the grid and the other rounds
+    onto it; a grid provider named alone does both. Returns (grid provider or None, the weight algorithms left)."""
+    grids = [n for n in weight_algos if "weight_grid" in hooks_of(classes[n])]
+    if len(weight_algos) == 1 and grids:
+        return grids[0], weight_algos
+    if len(weight_algos) != 2 or len(grids) != 1:
+        return None, weight_algos
+    quantizer = next(n for n in weight_algos if n != grids[0])
+    if not accepts_weight_grid(classes[quantizer]):
+        raise RecipeError(f"algorithms: {quantizer!r} cannot round onto the weight grid of {grids[0]!r} (it does "
+                          f"not declare accepts_weight_grid); name {grids[0]!r} alone or with one that does")
+    return grids[0], [quantizer]
 
 
 def load_exporters(formats: list[str]) -> dict[str, object]:
@@ -250,6 +283,7 @@ def plan_algorithms(recipe: Recipe, formats: list[str] | None = None) -> Algorit
             raise RecipeError(f"overrides.algorithm: {name!r} does not quantize weights")
 
     weight_algos = [n for n in specs if "quantize_weight" in hooks_of(classes[n]) and n not in override_algos]
+    grid_algorithm, weight_algos = _grid_provider(weight_algos, classes)
     if len(weight_algos) > 1 and DEFAULT_ALGORITHM in weight_algos:  # minmax named for its activation args
         weight_algos.remove(DEFAULT_ALGORITHM)
     act_algos = [n for n in specs if "quantize_act" in hooks_of(classes[n]) and n != DEFAULT_ALGORITHM]
@@ -264,7 +298,7 @@ def plan_algorithms(recipe: Recipe, formats: list[str] | None = None) -> Algorit
         plugins[name] = cls(validate_args(cls, specs.get(name, {"name": name}), where))
     smoothers = [n for n in specs if "smooth" in hooks_of(classes[n])]
     plan = AlgorithmPlan(PluginSet(plugins), smoothers, weight_algorithm, act_algorithm,
-                         PluginSet(load_exporters(formats or [])))
+                         PluginSet(load_exporters(formats or [])), grid_algorithm)
     check_schemes(recipe, plan)
     return plan
 

@@ -40,6 +40,7 @@ class MinMaxPlugin:
     name = "minmax"
     Config = MinMaxConfig
     requires_calibration_data = False  # weights need none; static activation ranges come from `observes`
+    accepts_weight_grid = True  # rounds onto another plugin's grid (ctx.grid) when the plan has one
     aliases = {"msmodelslim.w_method": "MinMax"}
 
     def __init__(self, config: MinMaxConfig):
@@ -59,11 +60,13 @@ class MinMaxPlugin:
     @hookimpl
     def quantize_weight(self, ctx, name, module, args):
         w = module.weight.detach().float()
+        grid = ctx.grid(name)
         ratio = 1.0
         if self.config.clip_search and args.strategy != Strategy.TENSOR:
             group_size = args.group_size if args.strategy == Strategy.GROUP else None
-            ratio = search_clip_ratio(w, args.bits, args.symmetric, group_size)
-        return round_to_nearest(w, args, ratio)
+            group_size = group_size if grid is None else grid.group_size(args)
+            ratio = search_clip_ratio(w, args.bits, args.symmetric, group_size, weight_grid=grid)
+        return round_to_nearest(w, args, ratio, grid)
 
     # -- activations ------------------------------------------------------------------------------------
 

@@ -20,8 +20,8 @@ from slimquant.quant.qweight import num_groups
 FORMAT_VERSION = 2
 SHOWN_ERRORS = 3
 # tensor suffixes of a quantized Linear (`slimquant.export.layout`); an extra tensor may not take one of them
-LINEAR_SUFFIXES = ("weight", "weight_scale", "weight_offset", "weight_codebook", "g_idx", "bias", "input_scale",
-                   "input_offset", "deq_scale", "quant_bias")
+LINEAR_SUFFIXES = ("weight", "weight_scale", "weight_offset", "weight_codebook", "weight_scale_scale",
+                   "weight_scale_offset", "g_idx", "bias", "input_scale", "input_offset", "deq_scale", "quant_bias")
 
 Bits = Annotated[int, Field(ge=1, le=8)]
 ExtraName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
@@ -69,6 +69,7 @@ class LinearMeta(_Closed):
     act: ActMeta | None
     int_kernel: bool
     codebook: bool = False  # a non-uniform grid: weight_codebook holds the value of each code
+    scale_block: int = Field(0, ge=0)  # > 0: weight_scale stored as int8 codes in blocks of this many (layout)
 
     @model_validator(mode="after")
     def _consistent(self) -> LinearMeta:
@@ -100,6 +101,8 @@ class LinearMeta(_Closed):
             suffixes.add("g_idx")
         if self.codebook:
             suffixes.add("weight_codebook")
+        if self.scale_block:
+            suffixes |= {"weight_scale_scale", "weight_scale_offset"}
         if self.bias:
             suffixes.add("bias")
         if self.act is not None and not self.act.dynamic:

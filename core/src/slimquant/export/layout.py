@@ -9,7 +9,12 @@ Per quantized Linear `<name>` (a FakeQuantLinear):
   msModelSlim's convention; weight_offset is all zeros for symmetric weights;
 - `<name>.g_idx`: int32 [in], only when the input channels are not grouped contiguously;
 - `<name>.weight_codebook`: float32 [2^bits], only on a codebook grid (NF4): a code c dequantizes to
-  weight_codebook[c + 2^(bits-1)] * weight_scale (weight_offset is then all zeros); zero points may be fractional;
+  weight_codebook[c + 2^(bits-1)] * weight_scale; such a grid has no zero point, so weight_offset is not written;
+  elsewhere zero points may be fractional;
+- scales stored quantized (`QuantizedScale`, bitsandbytes' double quantization; meta `scale_block` > 0):
+  `<name>.weight_scale` is then int8 [out, groups], `<name>.weight_scale_scale` float32 [ceil(out * groups /
+  scale_block)] and `<name>.weight_scale_offset` float32 [1], and the scale is weight_scale * weight_scale_scale[k //
+  scale_block] + weight_scale_offset for the k-th scale in row-major order;
 - `<name>.<extra>`: every algorithm-specific tensor of QuantizedWeight.extras (e.g. weight_scale_second);
 - `<name>.bias`: the float bias, when the Linear has one;
 - static activations: `<name>.input_scale`, `<name>.input_offset` (float32, [1] per tensor or [in] per
@@ -103,9 +108,16 @@ def _add_linear(layout: Layout, name: str, module: FakeQuantLinear, kind: str, p
     packed = pack and qw.bits <= MAX_PACKED_BITS
     own = lambda key, t: layout.add(f"{name}.{key}", t, kind, name)  # noqa: E731
     own("weight", pack_int4(qw.codes.cpu()) if packed else qw.codes)
-    own("weight_scale", qw.scale.float())
-    own("weight_offset", torch.zeros_like(qw.scale, dtype=torch.float32) if qw.zero is None else qw.zero.float())
-    if qw.codebook is not None:
+    stored = qw.scale_quant
+    if stored is None:
+        own("weight_scale", qw.scale.float())
+    else:
+        own("weight_scale", stored.codes)
+        own("weight_scale_scale", stored.block_scale.float())
+        own("weight_scale_offset", stored.offset.float())
+    if qw.codebook is None:
+        own("weight_offset", torch.zeros_like(qw.scale, dtype=torch.float32) if qw.zero is None else qw.zero.float())
+    else:
         own("weight_codebook", qw.codebook.float())
     g_idx = qw.g_idx
     if g_idx is not None and torch.equal(g_idx.cpu().long(), contiguous_g_idx(in_features, qw.group_size).long()):
@@ -138,6 +150,8 @@ def _add_linear(layout: Layout, name: str, module: FakeQuantLinear, kind: str, p
         "pack": PACK_INT4 if packed else None, "g_idx": g_idx is not None, "extras": list(qw.extras),
         "bias": module.bias is not None, "act": act_meta, "int_kernel": int_kernel, "codebook": qw.codebook is not None,
     }
+    if stored is not None:
+        layout.linears[name]["scale_block"] = stored.block_size
 
 
 def float_tensor_names(model: nn.Module) -> list[str]:

@@ -11,7 +11,7 @@ from torch import nn
 
 from slimquant.quant.actparams import ActQParams
 from slimquant.quant.math import dynamic_token_fake_quant, fake_quantize
-from slimquant.quant.qweight import QuantizedWeight, dequantize_codes
+from slimquant.quant.qweight import QuantizedScale, QuantizedWeight, dequantize_codes
 
 
 class FakeQuantLinear(nn.Module):
@@ -30,6 +30,11 @@ class FakeQuantLinear(nn.Module):
         self.register_buffer("weight_zero", qweight.zero)
         self.register_buffer("g_idx", qweight.g_idx)
         self.register_buffer("codebook", qweight.codebook)
+        stored = qweight.scale_quant
+        self.scale_block_size = None if stored is None else stored.block_size
+        self.register_buffer("scale_codes", None if stored is None else stored.codes)
+        self.register_buffer("scale_block_scale", None if stored is None else stored.block_scale)
+        self.register_buffer("scale_offset", None if stored is None else stored.offset)
         for name, tensor in qweight.extras.items():
             self.register_buffer(f"extra_{name}", tensor)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
@@ -42,8 +47,11 @@ class FakeQuantLinear(nn.Module):
     @property
     def qweight(self) -> QuantizedWeight:
         extras = {n[len("extra_"):]: b for n, b in self.named_buffers(recurse=False) if n.startswith("extra_")}
+        stored = None
+        if self.scale_block_size is not None:
+            stored = QuantizedScale(self.scale_codes, self.scale_block_scale, self.scale_offset, self.scale_block_size)
         return QuantizedWeight(self.codes, self.weight_scale, self.weight_zero, self.bits, self.group_size,
-                               self.g_idx, extras, self.codebook)
+                               self.g_idx, extras, self.codebook, stored)
 
     @property
     def act_qparams(self) -> ActQParams | None:

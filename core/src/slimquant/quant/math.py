@@ -99,12 +99,16 @@ def search_clip_ratio(
     grid: int = 20,
     min_ratio: float = 0.5,
     norm: float = 2.4,
+    weight_grid=None,
 ) -> torch.Tensor:
     """Per (row, group) shrink of the min-max range that minimises sum |w - Q(w)|^norm (a grid search).
 
     Candidates are tried a few at a time on every group at once; equal contiguous groups (or one per row) are a
-    view of w, so no scatter is needed."""
+    view of w, so no scatter is needed. With a `weight_grid` (see `round_to_nearest`), each candidate shrinks the
+    range the grid's own scale is chosen from."""
     w = w.float()
+    if weight_grid is not None:
+        return _search_clip_ratio_on(weight_grid, w, group_size, grid, min_ratio, norm)
     rows, cols = w.shape
     groups = num_groups(cols, group_size)
     size = group_size or cols
@@ -142,6 +146,27 @@ def search_clip_ratio(
     return best_ratio
 
 
+def _search_clip_ratio_on(weight_grid, w: torch.Tensor, group_size: int | None, steps: int, min_ratio: float,
+                          norm: float) -> torch.Tensor:
+    """search_clip_ratio on a weight grid: one candidate ratio at a time, scales and rounding by the grid."""
+    idx = contiguous_g_idx(w.shape[1], group_size, w.device)
+    groups = num_groups(w.shape[1], group_size)
+    best_err, best_ratio = None, None
+    for step in range(steps + 1):
+        ratio = 1.0 - (1.0 - min_ratio) * step / steps
+        scale, zero = weight_grid.qparams(w, group_size, clip_ratio=ratio)
+        s, z = expand_groups(scale, idx), expand_groups(zero, idx)
+        err = (weight_grid.dequantize(weight_grid.quantize(w, s, z), s, z) - w).abs_().pow_(norm)
+        err = torch.zeros(w.shape[0], groups, device=w.device).index_add_(1, idx.long(), err)
+        if best_err is None:
+            best_err, best_ratio = err, torch.ones_like(err)
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_ratio = torch.where(better, torch.full_like(best_ratio, ratio), best_ratio)
+    return best_ratio
+
+
 def dynamic_token_fake_quant(x: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
     """Per-token (last dimension) dynamic quantization, as an inference kernel would do it at run time."""
     if symmetric:
@@ -153,10 +178,15 @@ def dynamic_token_fake_quant(x: torch.Tensor, bits: int, symmetric: bool) -> tor
     return fake_quantize(x, scale, zero, bits)
 
 
-def round_to_nearest(w: torch.Tensor, args, clip_ratio: torch.Tensor | float = 1.0) -> QuantizedWeight:
+def round_to_nearest(w: torch.Tensor, args, clip_ratio: torch.Tensor | float = 1.0, grid=None) -> QuantizedWeight:
     """Min-max round-to-nearest of a 2-D weight with a plan's WeightArgs (per tensor, channel or group), each range
-    optionally shrunk by `clip_ratio` ([rows, groups] or a scalar)."""
+    optionally shrunk by `clip_ratio` ([rows, groups] or a scalar). With a `grid` (a `slimquant.quant.grid.WeightGrid`,
+    e.g. `ctx.grid(name)`), the grid chooses the scales and the values the codes stand for (per channel or group)."""
     w = w.detach().float()
+    if grid is not None:
+        if args.strategy == "tensor":
+            raise ValueError("a weight grid scales per channel or per group, not per tensor")
+        return grid.round_to_nearest(w, grid.group_size(args), clip_ratio)
     if args.strategy == "tensor":
         scale, zero = weight_qparams(w.reshape(1, -1), args.bits, args.symmetric, None, clip_ratio=clip_ratio)
         scale = scale.expand(w.shape[0], 1).contiguous()
@@ -167,7 +197,7 @@ def round_to_nearest(w: torch.Tensor, args, clip_ratio: torch.Tensor | float = 1
     return quantize_weight_with(w, scale, zero, args.bits, group_size)
 
 
-def fake_quantize_weight(w: torch.Tensor, args, clip_ratio: torch.Tensor | float = 1.0) -> torch.Tensor:
-    """The weight as the plan's arguments would round it to nearest, back in w's dtype: what a search (AWQ's scales,
-    a clipping grid) compares candidates with."""
-    return round_to_nearest(w, args, clip_ratio).dequantize(w.dtype)
+def fake_quantize_weight(w: torch.Tensor, args, clip_ratio: torch.Tensor | float = 1.0, grid=None) -> torch.Tensor:
+    """The weight as the plan's arguments (and grid, when the plan has one) would round it to nearest, back in w's
+    dtype: what a search (AWQ's scales, a clipping grid) compares candidates with."""
+    return round_to_nearest(w, args, clip_ratio, grid).dequantize(w.dtype)

@@ -5,6 +5,8 @@ so any 1-8 bit code fits int8. Dequantization is `(code - zero) * scale`, with t
 code's group; the zero point may be fractional (HQQ). On a codebook (non-uniform) grid such as NF4 it is
 `codebook[code + 2^(b-1)] * scale`, with no zero point. `g_idx[i]` names the group of input channel i;
 contiguous groups are `arange(in_features) // group_size` and the last group may be shorter than group_size.
+The scales may themselves be stored quantized (`QuantizedScale`, bitsandbytes' double quantization): `scale` is
+then exactly what those codes dequantize to, so memory and disk agree.
 """
 
 from __future__ import annotations
@@ -52,6 +54,34 @@ def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
 
 
 @dataclass
+class QuantizedScale:
+    """Scales stored as 8-bit codes: scale = code * block_scale[block] + offset, the [out, groups] codes read in
+    row-major order in blocks of `block_size` (the last block may be shorter)."""
+
+    codes: torch.Tensor  # int8 [out, groups]
+    block_scale: torch.Tensor  # float32 [ceil(out * groups / block_size)]
+    offset: torch.Tensor  # float32 [1]
+    block_size: int
+
+    def __post_init__(self):
+        blocks = -(-self.codes.numel() // self.block_size)
+        if self.codes.dtype != torch.int8 or self.codes.dim() != 2:
+            raise ValueError(f"scale codes must be 2-D int8, got {self.codes.dtype} {list(self.codes.shape)}")
+        if tuple(self.block_scale.shape) != (blocks,) or tuple(self.offset.shape) != (1,):
+            raise ValueError(f"scale blocks must be [{blocks}] and offset [1], got {list(self.block_scale.shape)} "
+                             f"and {list(self.offset.shape)}")
+
+    def dequantize(self) -> torch.Tensor:
+        block = torch.arange(self.codes.numel(), device=self.codes.device) // self.block_size
+        flat = self.codes.reshape(-1).float() * self.block_scale.float()[block] + self.offset.float()
+        return flat.view(self.codes.shape)
+
+    def to(self, device) -> QuantizedScale:
+        return QuantizedScale(self.codes.to(device), self.block_scale.to(device), self.offset.to(device),
+                              self.block_size)
+
+
+@dataclass
 class QuantizedWeight:
     codes: torch.Tensor  # int8 [out, in]
     scale: torch.Tensor  # float32 [out, groups]
@@ -61,6 +91,7 @@ class QuantizedWeight:
     g_idx: torch.Tensor | None = None  # int32 [in]; None means contiguous groups
     extras: dict[str, torch.Tensor] = field(default_factory=dict)  # algorithm-specific tensors to save
     codebook: torch.Tensor | None = None  # float32 [2^bits]: code c stands for codebook[c + 2^(bits-1)] (NF4)
+    scale_quant: QuantizedScale | None = None  # how `scale` is stored, when it is stored quantized
 
     def __post_init__(self):
         out_features, in_features = self.codes.shape
@@ -85,6 +116,12 @@ class QuantizedWeight:
                 raise ValueError("codebook holds NaN or Inf")
             if self.zero is not None:
                 raise ValueError("a codebook grid has no zero point (its values are scaled, not shifted)")
+        if self.scale_quant is not None:
+            if tuple(self.scale_quant.codes.shape) != tuple(self.scale.shape):
+                raise ValueError(f"scale codes shape {list(self.scale_quant.codes.shape)} != scale shape "
+                                 f"{list(self.scale.shape)}")
+            if not torch.equal(self.scale_quant.dequantize().to(self.scale), self.scale):
+                raise ValueError("scale differs from what its stored codes (scale_quant) dequantize to")
 
     @property
     def symmetric(self) -> bool:
@@ -108,4 +145,5 @@ class QuantizedWeight:
             codes=move(self.codes), scale=move(self.scale), zero=move(self.zero), bits=self.bits,
             group_size=self.group_size, g_idx=move(self.g_idx),
             extras={k: v.to(device) for k, v in self.extras.items()}, codebook=move(self.codebook),
+            scale_quant=None if self.scale_quant is None else self.scale_quant.to(device),
         )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -45,6 +45,7 @@ class LayerContext:
     qweights: dict[str, QuantizedWeight] = field(default_factory=dict)
     _state: dict[str, dict] = field(default_factory=dict)
     _trace: LayerTrace | None = None
+    grid_of: Callable[[LinearPlan], object] | None = None  # the runtime's: a plan's WeightGrid from its provider
 
     def state(self, plugin: str) -> dict:
         """A plugin's private store for this layer: kept across the layer's smoothing, observation and quantize
@@ -56,6 +57,17 @@ class LayerContext:
 
     def plan(self, name: str) -> LinearPlan | None:
         return self.plans.get(name)
+
+    def grid(self, name: str):
+        """The `slimquant.quant.grid.WeightGrid` the Linear's codes are rounded onto, from the plugin its plan names
+        as grid provider; None for the uniform integer grid (see slimquant.hookspecs)."""
+        plan = self.plans.get(name)
+        if plan is None or plan.grid_algorithm is None:
+            return None
+        if self.grid_of is None:
+            raise RuntimeError(f"{name}: its plan has a weight grid ({plan.grid_algorithm}), but this LayerContext "
+                               "was built without the runtime's grid_of")
+        return self.grid_of(plan)
 
     def module(self, name: str) -> nn.Module:
         return self.layer.get_submodule(name[len(self.prefix) + 1:])

@@ -28,6 +28,7 @@ from slimquant.model.structure import (
 from slimquant.plugins import AlgorithmPlan, plan_algorithms
 from slimquant.quant.actparams import ActQParams
 from slimquant.quant.fake_linear import FakeQuantLinear, materialized_weights
+from slimquant.quant.grid import WeightGrid
 from slimquant.quant.qweight import QuantizedWeight
 from slimquant.quant.scale_rounding import float16_scales
 from slimquant.runtime.catcher import catch_layer_inputs
@@ -81,6 +82,12 @@ def _checked_qweight(result, plugin: str, name: str, module: nn.Module) -> Quant
     return result
 
 
+def _same_codebook(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return a.shape == b.shape and torch.equal(a.float().cpu(), b.float().cpu())
+
+
 class LayerwiseQuantizer:
     def __init__(self, model: nn.Module, recipe: Recipe, device: torch.device,
                  algorithms: AlgorithmPlan | None = None, smooth_only: bool = False):
@@ -100,6 +107,7 @@ class LayerwiseQuantizer:
         self._check_linears(linears)
         self.needs_data = smooth_only or self.algorithms.requires_calibration_data(self.plans.values())
         self.check_finite = recipe.runtime.check_finite
+        self._grids: dict[tuple, WeightGrid | None] = {}
         if self.check_finite:  # every tensor that will be saved, not only those calibration reaches
             for name, tensor in model.state_dict().items():
                 if tensor.is_floating_point():
@@ -116,6 +124,23 @@ class LayerwiseQuantizer:
             more = f"\n  ... and {len(problems) - 8} more" if len(problems) > 8 else ""
             raise RecipeError("the plugins cannot quantize these Linears as planned:\n  "
                               + "\n  ".join(problems[:8]) + more)
+
+    def grid(self, plan: LinearPlan) -> WeightGrid | None:
+        """The plan's weight grid from its provider's `weight_grid` hook, built once per (provider, WeightArgs)."""
+        key = (plan.grid_algorithm, plan.scheme.weights)
+        if key not in self._grids:
+            grid = None
+            if plan.grid_algorithm is not None:
+                grid = self.plugins.call(plan.grid_algorithm, "weight_grid", args=plan.scheme.weights)
+                if grid is not None and not isinstance(grid, WeightGrid):
+                    raise PluginError(f"plugin {plan.grid_algorithm!r} returned {type(grid).__name__} from "
+                                      "weight_grid, not a slimquant.quant.grid.WeightGrid")
+            self._grids[key] = grid
+        return self._grids[key]
+
+    def _layer_context(self, index: int, prefix: str, layer: nn.Module, linears: dict, inputs) -> LayerContext:
+        return LayerContext(index, prefix, layer, self.device, linears, {n: self.plans.get(n) for n in linears},
+                            inputs, grid_of=self.grid)
 
     # -- passes ------------------------------------------------------------------------------------------
 
@@ -172,6 +197,10 @@ class LayerwiseQuantizer:
         if result is None:
             raise PluginError(f"{name}: plugin {algorithm!r} has no quantize_weight hook")
         qweight = _checked_qweight(result, algorithm, name, module)
+        grid = self.grid(plan) if plan.grid_algorithm else None
+        if grid is not None and not _same_codebook(qweight.codebook, grid.codebook):
+            raise PluginError(f"{name}: plugin {algorithm!r} returned weights off the grid of "
+                              f"{plan.grid_algorithm!r} (another codebook); round onto ctx.grid(name)")
         if plan.scheme.weights.scale_dtype == "float16":
             qweight = float16_scales(qweight)
         if self.check_finite:
@@ -233,7 +262,7 @@ class LayerwiseQuantizer:
             prefix = f"{self.prefix}.{index}"
             linears = layer_linears(layer, prefix)
             quantized = [n for n in linears if self.plans.get(n) is not None]
-            ctx = LayerContext(index, prefix, layer, self.device, linears, {n: self.plans.get(n) for n in linears}, [])
+            ctx = self._layer_context(index, prefix, layer, linears, [])
             ctx.phase = "quantize"
             for name in quantized:
                 self._quantize_linear(ctx, name, self.plans[name], linears[name], layer, prefix)
@@ -269,8 +298,8 @@ class LayerwiseQuantizer:
         layer = self.layers[index].to(self.device)
         prefix = f"{self.prefix}.{index}"
         linears = layer_linears(layer, prefix)
-        plans = {n: self.plans.get(n) for n in linears}
-        ctx = LayerContext(index, prefix, layer, self.device, linears, plans, inputs)
+        ctx = self._layer_context(index, prefix, layer, linears, inputs)
+        plans = ctx.plans
         quantized = ctx.quantized_names()
 
         if self.algorithms.smoothers and quantized:

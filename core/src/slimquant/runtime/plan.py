@@ -16,6 +16,7 @@ class LinearPlan:
     scheme: Scheme
     weight_algorithm: str
     act_algorithm: str
+    grid_algorithm: str | None = None  # the plugin whose weight_grid the codes are rounded onto (None: uniform)
 
 
 def name_matches(pattern: str, name: str) -> bool:
@@ -66,7 +67,7 @@ def plan_linears(recipe: Recipe, algorithms, linear_names: list[str],
             if any(name_matches(p, name) for p in override.targets):
                 scheme = override_scheme(scheme, override)
                 algorithm = override.algorithm or algorithm
-        plans[name] = LinearPlan(scheme, algorithm, algorithms.act_algorithm)
+        plans[name] = LinearPlan(scheme, algorithm, algorithms.act_algorithm, algorithms.grid_for(algorithm))
     return plans
 
 

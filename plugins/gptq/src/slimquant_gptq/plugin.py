@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from slimquant.config.scheme import Strategy
 from slimquant.hookspecs import hookimpl
 from slimquant.quant.hessian import HessianAccumulator
-from slimquant.quant.math import quantize_weight_with
+from slimquant.quant.math import quantize_weight_with, round_to_nearest, search_clip_ratio
 from slimquant_gptq.gptq import GPTQSettings, gptq_quantize, group_qparams
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,7 @@ class GPTQPlugin:
     name = "gptq"
     Config = GPTQConfig
     requires_calibration_data = True  # the Hessian of each Linear's inputs
+    accepts_weight_grid = True  # [nf4, gptq]: GPTQ's error feedback onto the plan's grid (ctx.grid)
     aliases = {"msmodelslim.w_method": "GPTQ"}
 
     def __init__(self, config: GPTQConfig):
@@ -63,7 +64,9 @@ class GPTQPlugin:
 
     @hookimpl
     def quantize_weight(self, ctx, name, module, args):
+        grid = ctx.grid(name)
         group_size = args.group_size if args.strategy == Strategy.GROUP else None
+        group_size = group_size if grid is None else grid.group_size(args)
         c = self.config
         settings = GPTQSettings(bits=args.bits, symmetric=args.symmetric, group_size=group_size,
                                 damp_percent=c.damp_percent, block_size=c.block_size, act_order=c.act_order,
@@ -74,6 +77,9 @@ class GPTQPlugin:
         if hessian is None or hessian.tokens == 0:  # e.g. an MoE expert the router never chose
             log.info("%s: no calibration token reached it; rounding to nearest instead of GPTQ", name)
             w = module.weight.detach().float()
+            if grid is not None:
+                ratio = search_clip_ratio(w, args.bits, True, group_size, weight_grid=grid) if c.mse else 1.0
+                return round_to_nearest(w, args, ratio, grid)
             scale, zero = group_qparams(w, settings, group_size)
             return quantize_weight_with(w, scale, zero, args.bits, group_size)
-        return gptq_quantize(module.weight, hessian.hessian, settings, name)
+        return gptq_quantize(module.weight, hessian.hessian, settings, name, grid)

@@ -1,0 +1,106 @@
+"""Weight grids: the values a weight's codes may stand for, and how each group's scale is chosen on them.
+
+A weight algorithm chooses codes; the grid says what a code means. `WeightGrid` is the uniform integer grid every
+algorithm uses by default ((code - zero) * scale, min-max scales). A plugin's `weight_grid` hook may hand the
+runtime another one (`CodebookGrid`: NF4's 16 values, absmax scales), which the plan's weight algorithm then
+rounds onto (`ctx.grid(name)`; see slimquant.hookspecs). A grid decides:
+
+- `group_size`: the input channels per scale for a scheme's WeightArgs (the scheme's, unless the grid has a default
+  block, e.g. NF4's 64 when the scheme names no group);
+- `qparams`: the scale (and zero point) of each (row, group), from the weights of the group;
+- `quantize_scales`: how the scales are stored, when not as float32 (e.g. double-quantized to 8 bits); it sees the
+  whole [out, groups] tensor, since such a rounding may span groups;
+- `quantize` / `dequantize`: codes of weights for given per-weight scales, and back.
+
+`round_to_nearest` is what a data-free algorithm does with a grid; GPTQ uses the pieces column by column.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from slimquant.quant.math import EPS, dequantize, group_minmax, quantize, weight_qparams
+from slimquant.quant.qweight import QuantizedScale, QuantizedWeight, contiguous_g_idx, num_groups, qrange
+
+
+class WeightGrid:
+    """The uniform integer grid: b-bit codes, min-max scale and (asymmetric) integer zero point per group."""
+
+    codebook: torch.Tensor | None = None
+
+    def __init__(self, bits: int, symmetric: bool):
+        self.bits = bits
+        self.symmetric = symmetric
+
+    def group_size(self, args) -> int | None:
+        """Input channels per scale for these WeightArgs (None: one scale per output channel)."""
+        return args.group_size if args.strategy == "group" else None
+
+    def qparams(self, w: torch.Tensor, group_size: int | None, g_idx: torch.Tensor | None = None,
+                clip_ratio: torch.Tensor | float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Scale and zero point [rows, groups] of the 2-D weight `w`, each group's range shrunk by `clip_ratio`."""
+        return weight_qparams(w, self.bits, self.symmetric, group_size, g_idx, clip_ratio)
+
+    def quantize_scales(self, scale: torch.Tensor) -> QuantizedScale | None:
+        """How the [rows, groups] scales are stored when not as float32; None: as they are."""
+        return None
+
+    def quantize(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
+        """Codes (float, integer-valued, in the signed b-bit range) of `w` for per-weight `scale` and `zero`."""
+        return quantize(w, scale, zero, self.bits)
+
+    def dequantize(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
+        return dequantize(codes, scale, zero)
+
+    def quantized_weight(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                         group_size: int | None, g_idx: torch.Tensor | None = None,
+                         scale_quant: QuantizedScale | None = None) -> QuantizedWeight:
+        return QuantizedWeight(codes=codes.to(torch.int8), scale=scale.float(),
+                               zero=None if zero is None else zero.float(), bits=self.bits, group_size=group_size,
+                               g_idx=g_idx, codebook=None if self.codebook is None else self.codebook.clone(),
+                               scale_quant=scale_quant)
+
+    def round_to_nearest(self, w: torch.Tensor, group_size: int | None,
+                         clip_ratio: torch.Tensor | float = 1.0) -> QuantizedWeight:
+        """Scales chosen by the grid (and stored as it says), then every weight rounded to its nearest grid value."""
+        w = w.detach().float()
+        scale, zero = self.qparams(w, group_size, clip_ratio=clip_ratio)
+        stored = self.quantize_scales(scale)
+        if stored is not None:
+            scale = stored.dequantize()
+        idx = contiguous_g_idx(w.shape[1], group_size, w.device).long()
+        codes = self.quantize(w, scale[:, idx], None if zero is None else zero[:, idx])
+        return self.quantized_weight(codes, scale, zero, group_size, scale_quant=stored)
+
+
+class CodebookGrid(WeightGrid):
+    """A non-uniform grid of 2^bits values in [-1, 1] (sorted, max |value| 1): code c stands for
+    values[c + 2^(bits-1)] * scale, the scale of a group is its absolute maximum, and a weight rounds to the nearest
+    value (a weight exactly half-way between two rounds to the smaller one)."""
+
+    def __init__(self, values: torch.Tensor, name: str = "codebook"):
+        values = torch.as_tensor(values, dtype=torch.float32)
+        bits = len(values).bit_length() - 1
+        if len(values) != 2 ** bits or bits < 1:
+            raise ValueError(f"a codebook has 2^bits values, got {len(values)}")
+        if not bool((values[1:] >= values[:-1]).all()) or float(values.abs().max()) != 1.0:
+            raise ValueError("codebook values must be sorted and span at most [-1, 1] with max |value| 1")
+        super().__init__(bits, symmetric=True)
+        self.name = name
+        self.codebook = values
+        self._midpoints = (values[1:] + values[:-1]) / 2
+
+    def qparams(self, w, group_size, g_idx=None, clip_ratio=1.0):
+        w = w.float()
+        if g_idx is None:
+            g_idx = contiguous_g_idx(w.shape[1], group_size, w.device)
+        xmin, xmax = group_minmax(w, g_idx, num_groups(w.shape[1], group_size))
+        absmax = torch.maximum(xmin.abs(), xmax.abs()) * clip_ratio
+        return absmax.clamp_min(EPS), None
+
+    def quantize(self, w, scale, zero):
+        index = torch.bucketize(torch.nan_to_num(w / scale, nan=0.0).contiguous(), self._midpoints.to(w.device))
+        return (index + qrange(self.bits)[0]).to(w.dtype)
+
+    def dequantize(self, codes, scale, zero):
+        return self.codebook.to(codes.device)[codes.long() - qrange(self.bits)[0]] * scale
