@@ -5,12 +5,14 @@ from __future__ import annotations
 import logging
 from typing import Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from slimquant.config.scheme import Strategy
 from slimquant.hookspecs import hookimpl
 from slimquant.quant.hessian import HessianAccumulator
 from slimquant.quant.math import quantize_weight_with, round_to_nearest, search_clip_ratio
+from slimquant.quant.qweight import QuantizedWeight
 from slimquant_gptq.gptq import GPTQSettings, gptq_quantize, group_qparams
 
 log = logging.getLogger(__name__)
@@ -73,6 +75,9 @@ class GPTQPlugin:
                                 static_groups=c.static_groups, mse=c.mse)
         state = ctx.state(self.name)
         state.pop("last input", None)
+        done = state.setdefault("quantized with a sibling", {})
+        if name in done:
+            return done.pop(name)
         hessian = state.pop(name, None)
         if hessian is None or hessian.tokens == 0:  # e.g. an MoE expert the router never chose
             log.info("%s: no calibration token reached it; rounding to nearest instead of GPTQ", name)
@@ -82,4 +87,31 @@ class GPTQPlugin:
                 return round_to_nearest(w, args, ratio, grid)
             scale, zero = group_qparams(w, settings, group_size)
             return quantize_weight_with(w, scale, zero, args.bits, group_size)
-        return gptq_quantize(module.weight, hessian.hessian, settings, name, grid)
+        siblings = [] if grid is not None else _siblings(ctx, state, name, hessian, args)
+        if not siblings:
+            return gptq_quantize(module.weight, hessian.hessian, settings, name, grid)
+        # Linears reading one input (q/k/v, gate/up) share H, and GPTQ treats rows independently given H: one sweep
+        # over their stacked rows gives each the codes it would get alone, with a third of the column loops.
+        for sibling in siblings:
+            state.pop(sibling)
+        modules = [module, *(ctx.module(n) for n in siblings)]
+        stacked = torch.cat([m.weight.detach() for m in modules])
+        result = gptq_quantize(stacked, hessian.hessian, settings, name, grid)
+        parts = split_rows(result, [m.out_features for m in modules])
+        done.update(zip(siblings, parts[1:], strict=True))
+        return parts[0]
+
+
+def _siblings(ctx, state: dict, name: str, hessian, args) -> list[str]:
+    """The Linears still to quantize that share `name`'s Hessian (the same input) and its weight arguments."""
+    return [n for n, h in state.items() if h is hessian and n != name and ctx.plan(n) is not None
+            and ctx.plan(n).weight_algorithm == ctx.plan(name).weight_algorithm and ctx.plan(n).scheme.weights == args]
+
+
+def split_rows(qweight: QuantizedWeight, sizes: list[int]) -> list[QuantizedWeight]:
+    """A QuantizedWeight of stacked Linears cut back into one per Linear (rows in `sizes`)."""
+    pieces = zip(qweight.codes.split(sizes), qweight.scale.split(sizes),
+                 [None] * len(sizes) if qweight.zero is None else qweight.zero.split(sizes), strict=True)
+    return [QuantizedWeight(codes=c.contiguous(), scale=sc.contiguous(), zero=None if z is None else z.contiguous(),
+                            bits=qweight.bits, group_size=qweight.group_size, g_idx=qweight.g_idx)
+            for c, sc, z in pieces]
