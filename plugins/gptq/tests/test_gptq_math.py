@@ -1,7 +1,6 @@
 import torch
 
 
-
 def test_stacked_siblings_get_the_codes_each_would_get_alone():
     """q/k/v (gate/up) share one Hessian: the plugin sweeps their stacked rows once and splits the result."""
     from slimquant_gptq.gptq import GPTQSettings, gptq_quantize
