@@ -43,6 +43,18 @@ chooses the codes on its grid (``[nf4, gptq]``: GPTQ's error feedback, NF4's for
 declare ``accepts_weight_grid``. A grid provider named alone both provides the grid and quantizes. Without a grid
 provider a plan has ``grid_algorithm`` None and every algorithm rounds onto the uniform integer grid.
 
+Attention cache: a recipe's ``kv_cache`` section (``slimquant.config.kv_cache.KVCacheArgs``: ``bits``, ``strategy``
+head | tensor | channel | token, ``symmetric``, ``dynamic``, ``algorithm``) plans the plugin named by its
+``algorithm`` (default ``kvcache``) as the run's cache algorithm (``AlgorithmPlan.cache_algorithm``); it must
+implement ``quantize_cache``. Keys (after the rotary embedding, before grouped-query heads are repeated) and values
+enter the cache fake-quantized, through the attention wrapper the runtime installs
+(``slimquant.runtime.kv_attention``). Per decoder layer, after its Linears are quantized, a static cache's
+observation pass shows the plugin every calibration batch's keys and values (``observe_cache``), then
+``quantize_cache`` returns the layer's ``CacheQParams``; the layer's output for the next layer is computed with the
+quantized cache. Its ``check`` is called with a ``CachePlan`` (``slimquant.plugins``) as ``plan``: once before the
+model is loaded (``name``/``shape`` None), then per attention layer with the attention module's name and
+``(kv_heads, head_dim)``.
+
 Dispatch: the runtime calls each hook on the one plugin the plan chose for that call (the Linear's weight
 algorithm, its activation algorithm, the smoother whose turn it is, the exporter of that format), with keyword
 arguments only, through pluggy's subset callers. A plugin never sees another plugin's calls and needs no "is this
@@ -138,6 +150,23 @@ def weight_grid(args):
 def quantize_act(ctx, name: str, module, args):
     """Return the ``ActQParams`` for one Linear's input (``args`` is an ``ActArgs``), on the plugin the Linear's plan
     names for activations. Called right after the Linear's weight was quantized (``ctx.qweights[name]``)."""
+
+
+@hookspec
+def observe_cache(ctx, layer_index: int, keys, values) -> None:
+    """Called on each calibration batch of decoder layer ``layer_index`` (a static cache only), on the cache
+    algorithm, with the attention's ``keys`` (after RoPE) and ``values`` as they would enter the cache, float
+    ``[batch, kv_heads, seq, head_dim]``, computed by the layer with its Linears already quantized. Accumulate into
+    ``ctx.state(self.name)``; return nothing; do not modify the tensors."""
+
+
+@hookspec(firstresult=True)
+def quantize_cache(ctx, layer_index: int, args):
+    """Return the ``slimquant.quant.cache_params.CacheQParams`` of decoder layer ``layer_index``'s cache (``args`` is
+    the recipe's ``KVCacheArgs``), on the cache algorithm, after its observation pass (none for a dynamic cache):
+    static scales ``[kv_heads, head_dim]`` (per-head and per-tensor scales repeated over what they span), or
+    ``dynamic=True`` without tensors. The runtime refuses a result whose bits, symmetry, dynamic flag or shape
+    differ from ``args`` and the layer's attention."""
 
 
 @hookspec(firstresult=True)

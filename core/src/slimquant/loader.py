@@ -25,6 +25,7 @@ from slimquant.errors import OutputError
 from slimquant.export.description import LinearMeta, OutputMeta
 from slimquant.export.layout import float_tensor_names, int_kernel_params, quant_bias
 from slimquant.export.packing import PACK_INT4, unpack_int4
+from slimquant.export.kv_cache import restore_cache
 from slimquant.export.reader import QuantizedFiles
 from slimquant.model.structure import normalize_linears, set_submodule
 from slimquant.quant.actparams import ActQParams
@@ -271,7 +272,7 @@ def _load_floats(model: nn.Module, files: QuantizedFiles, quantized: set[str], t
     _add_shift_biases(model, files, quantized)
     state = model.state_dict(keep_vars=True)
     owned = {k for k in files.keys() if k.rpartition(".")[0] in quantized}
-    extra = [k for k in files.keys() if k not in state and k not in owned]
+    extra = [k for k in files.keys() if k not in state and k not in owned and k not in files.cache_keys]
     if extra:
         raise OutputError(f"the output holds tensor(s) the model does not have: {', '.join(extra[:5])}; "
                           "is this the same architecture?")
@@ -322,4 +323,5 @@ def load_quantized(model: nn.Module, output_dir: str | os.PathLike, verify: bool
         set_submodule(model, name, _rebuild(files, name, meta.linears[name], module))
     _load_floats(model, files, set(targets), meta.tied)
     _tie(model, meta.tied)
+    restore_cache(model, files, meta.kv_cache)
     return model

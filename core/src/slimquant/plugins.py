@@ -14,14 +14,17 @@ import pluggy
 from pydantic import BaseModel, ValidationError
 
 from slimquant import hookspecs
+from slimquant.config.kv_cache import KVCacheArgs
 from slimquant.config.recipe import Recipe, format_validation_error
 from slimquant.errors import PluginError, RecipeError
 
 ALGORITHMS = "slimquant.plugins"
 EXPORTERS = "slimquant.exporters"
 KIND = {ALGORITHMS: "algorithm", EXPORTERS: "output format"}
-HOOK_NAMES = ("check", "observe", "smooth", "quantize_weight", "quantize_act", "weight_grid", "export")
-ALGORITHM_HOOKS = ("observe", "smooth", "quantize_weight", "quantize_act", "weight_grid")
+HOOK_NAMES = ("check", "observe", "smooth", "quantize_weight", "quantize_act", "weight_grid", "observe_cache",
+              "quantize_cache", "export")
+ALGORITHM_HOOKS = ("observe", "smooth", "quantize_weight", "quantize_act", "weight_grid", "observe_cache",
+                   "quantize_cache")
 DEFAULT_ALGORITHM = "minmax"
 
 
@@ -165,6 +168,14 @@ class PluginSet:
         return self.plugins[name]
 
 
+@dataclass(frozen=True)
+class CachePlan:
+    """What the cache algorithm's `check` sees: the recipe's kv_cache arguments."""
+
+    args: KVCacheArgs
+    algorithm: str
+
+
 @dataclass
 class AlgorithmPlan:
     plugins: PluginSet
@@ -173,6 +184,17 @@ class AlgorithmPlan:
     act_algorithm: str
     exporters: PluginSet = field(default_factory=lambda: PluginSet({}))
     grid_algorithm: str | None = None  # the plugin whose weight_grid every Linear's codes are rounded onto
+    cache: CachePlan | None = None  # the attention cache's quantization, when the recipe has a kv_cache section
+
+    @property
+    def cache_algorithm(self) -> str | None:
+        return None if self.cache is None else self.cache.algorithm
+
+    def check_cache(self, name: str | None = None, shape: tuple[int, int] | None = None) -> list[str]:
+        if self.cache is None:
+            return []
+        problems = self.plugins.call(self.cache.algorithm, "check", plan=self.cache, name=name, shape=shape) or []
+        return [f"kv_cache ({self.cache.algorithm}): {p}" for p in problems]
 
     def grid_for(self, weight_algorithm: str) -> str | None:
         """The grid provider of a Linear quantized by `weight_algorithm`: the recipe's, or the algorithm's own when
@@ -184,7 +206,7 @@ class AlgorithmPlan:
     def requires_calibration_data(self, plans) -> bool:
         """False when every Linear can be quantized from its weight alone: the data-free path."""
         plans = [p for p in plans if p is not None]
-        if self.smoothers:
+        if self.smoothers or (self.cache is not None and not self.cache.args.dynamic):
             return True
         for plugin in self.plugins.plugins.values():
             if requires_calibration_data(plugin) and any(plugin.name in (p.weight_algorithm, p.act_algorithm)
@@ -278,6 +300,7 @@ def plan_algorithms(recipe: Recipe, formats: list[str] | None = None) -> Algorit
         except PluginError as exc:
             where = f"algorithms[{i}]" if name in specs else "overrides.algorithm"
             raise RecipeError(f"{where}: {exc}") from None
+    cache = _plan_cache(recipe, classes, list(specs))
     for name in override_algos:
         if "quantize_weight" not in hooks_of(classes[name]):
             raise RecipeError(f"overrides.algorithm: {name!r} does not quantize weights")
@@ -298,14 +321,36 @@ def plan_algorithms(recipe: Recipe, formats: list[str] | None = None) -> Algorit
         plugins[name] = cls(validate_args(cls, specs.get(name, {"name": name}), where))
     smoothers = [n for n in specs if "smooth" in hooks_of(classes[n])]
     plan = AlgorithmPlan(PluginSet(plugins), smoothers, weight_algorithm, act_algorithm,
-                         PluginSet(load_exporters(formats or [])), grid_algorithm)
+                         PluginSet(load_exporters(formats or [])), grid_algorithm, cache)
     check_schemes(recipe, plan)
     return plan
 
 
+def _plan_cache(recipe: Recipe, classes: dict[str, type], named: list[str]) -> CachePlan | None:
+    """The cache algorithm of a recipe with a kv_cache section (loaded into `classes`); a cache plugin named in
+    `algorithms` without one is a mistake."""
+    args = recipe.kv_cache
+    if args is None:
+        for i, name in enumerate(named):
+            if "quantize_cache" in hooks_of(classes[name]) and not {"quantize_weight", "quantize_act", "smooth"} & set(
+                    hooks_of(classes[name])):
+                raise RecipeError(f"algorithms[{i}]: {name!r} quantizes the attention cache; add a `kv_cache` "
+                                  "section (e.g. kv_cache: {bits: 8}) to use it")
+        return None
+    if args.algorithm not in classes:
+        try:
+            classes[args.algorithm] = load_plugin_class(args.algorithm)
+        except PluginError as exc:
+            raise RecipeError(f"kv_cache.algorithm: {exc}") from None
+    if "quantize_cache" not in hooks_of(classes[args.algorithm]):
+        raise RecipeError(f"kv_cache.algorithm: {args.algorithm!r} does not quantize the attention cache (it has no "
+                          "quantize_cache hook)")
+    return CachePlan(args, args.algorithm)
+
+
 def check_schemes(recipe: Recipe, algorithms: AlgorithmPlan) -> None:
     """The plan-time check on the base scheme and on each override's, with the recipe field named."""
-    problems = []
+    problems = list(algorithms.check_cache())
     for i, plan in enumerate(algorithms.scheme_plans(recipe)):
         where = "scheme" if i == 0 else f"overrides[{i - 1}]"
         problems += [f"{where}: {p}" for p in algorithms.check(plan)]

@@ -9,6 +9,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from slimquant.config.kv_cache import KVCacheArgs
 from slimquant.config.scheme import PRESETS, ActArgs, PresetName, Scheme, WeightArgs
 from slimquant.errors import RecipeError
 
@@ -97,6 +98,7 @@ class Recipe(BaseModel):
     algorithms: list[dict[str, Any]] = Field(default_factory=list)
     ignore: list[str] = Field(default_factory=list, description="Linears left in float (msModelSlim disable_names)")
     overrides: list[LayerOverride] = Field(default_factory=list)
+    kv_cache: KVCacheArgs | None = Field(None, description="quantize the attention cache's keys and values")
     runtime: RuntimeSpec = RuntimeSpec()
 
     @field_validator("algorithms", mode="before")

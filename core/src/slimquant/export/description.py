@@ -112,6 +112,20 @@ class LinearMeta(_Closed):
         return suffixes
 
 
+class KVLayerMeta(_Closed):
+    kv_heads: int = Field(gt=0)
+    head_dim: int = Field(gt=0)
+
+
+class KVCacheMeta(_Closed):
+    """The quantized attention cache (`slimquant.export.kv_cache`): one setting for every attention module."""
+
+    bits: Bits
+    symmetric: bool
+    dynamic: bool
+    layers: dict[str, KVLayerMeta]  # attention module name -> what it caches per token
+
+
 class OutputMeta(_Closed):
     format: int
     model_type: str | None  # model.config.model_type at save time (None: the model had no config)
@@ -120,6 +134,7 @@ class OutputMeta(_Closed):
     linears: dict[str, LinearMeta]
     tied: dict[str, str]  # alias -> the tensor it shares storage with
     files: dict[str, Sha256] = {}  # weight file name -> sha256
+    kv_cache: KVCacheMeta | None = None  # the attention cache, when it is quantized
 
     @field_validator("files")
     @classmethod

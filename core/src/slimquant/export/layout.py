@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from slimquant.errors import OutputError
+from slimquant.export import kv_cache
 from slimquant.export.description import FORMAT_VERSION, parse_output_meta
 from slimquant.export.packing import MAX_PACKED_BITS, PACK_INT4, pack_int4
 from slimquant.quant.fake_linear import FakeQuantLinear
@@ -62,6 +63,7 @@ class Layout:
     model_type: str | None = None
     architectures: list[str] | None = None
     float_tensors: list[str] = field(default_factory=list)
+    kv_cache: dict | None = None  # `slimquant.export.kv_cache` metadata, when the attention cache is quantized
 
     def add(self, key: str, tensor: torch.Tensor, kind: str, owner: str | None = None) -> None:
         if key in self.tensors:
@@ -208,6 +210,9 @@ def build_layout(model: nn.Module, linear_types: dict[str, str] | None = None, p
         if storage is not None:
             seen[storage] = key
         layout.add(key, tensor, "FLOAT")
+    layout.kv_cache, cache = kv_cache.cache_tensors(model)
+    for key, tensor in cache.items():
+        layout.add(key, tensor, kv_cache.cache_type(layout.kv_cache["bits"]))
     return layout
 
 
@@ -216,6 +221,8 @@ def description(layout: Layout, files: dict[str, str]) -> dict:
     group_sizes = {lin["group_size"] for lin in layout.linears.values()}
     bits = {lin["bits"] for lin in layout.linears.values()}
     desc: dict = {"model_quant_type": layout.model_quant_type, "version": "1.0.0"}
+    if layout.kv_cache is not None:
+        desc["kv_cache_type"] = kv_cache.cache_type(layout.kv_cache["bits"])
     if len(group_sizes) == 1:
         desc["group_size"] = group_sizes.pop()
     if len(bits) == 1:
@@ -223,6 +230,8 @@ def description(layout: Layout, files: dict[str, str]) -> dict:
     desc["slimquant"] = {"format": FORMAT_VERSION, "model_type": layout.model_type,
                          "architectures": layout.architectures, "float_tensors": layout.float_tensors,
                          "linears": layout.linears, "tied": layout.tied, "files": dict(sorted(files.items()))}
+    if layout.kv_cache is not None:
+        desc["slimquant"]["kv_cache"] = layout.kv_cache
     parse_output_meta(desc["slimquant"], "the description being written")  # never write what a reader refuses
     desc.update(layout.types)
     return desc

@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 
 from slimquant.errors import OutputError
-from slimquant.export import names
+from slimquant.export import kv_cache, names
 from slimquant.export.description import OutputMeta, is_plain_file_name, parse_output_meta
 
 NOT_TENSOR_KEYS = {"model_quant_type", "version", "kv_cache_type", "model_quant_type_second",
@@ -63,11 +63,12 @@ def _quant_type(description: dict, source: str) -> str:
 def _tensor_types(description: dict, meta: OutputMeta, source: str) -> dict[str, str]:
     """{tensor key: type}: each key of a quantized Linear typed as its Linear, every other key FLOAT."""
     types = {}
+    cache = kv_cache.tensor_types(meta.kv_cache)
     for key, kind in description.items():
         if key in NOT_TENSOR_KEYS:
             continue
         linear = meta.linears.get(key.rpartition(".")[0])
-        expected = FLOAT if linear is None else linear.type
+        expected = cache.get(key) or (FLOAT if linear is None else linear.type)
         if kind != expected:
             raise OutputError(f"{source}: tensor {key} is typed {kind!r}, expected {expected!r}")
         types[key] = kind
@@ -119,8 +120,10 @@ class QuantizedFiles:
             raise OutputError(f"{self.directory}: the weight files hold {len(untyped)} tensor(s) the description "
                               f"does not type: {', '.join(untyped[:5])}{' ...' if len(untyped) > 5 else ''}")
         self._owned: dict[str, list[str]] = defaultdict(list)
+        self.cache_keys = set(kv_cache.tensor_types(self.meta.kv_cache))  # not a Linear's, though under k_proj
         for key in self._where:
-            self._owned[key.rpartition(".")[0]].append(key)
+            if key not in self.cache_keys:
+                self._owned[key.rpartition(".")[0]].append(key)
         self._handles: dict[Path, object] = {}
 
     def _check_sum(self, path: Path) -> None:

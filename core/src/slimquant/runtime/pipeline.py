@@ -31,6 +31,8 @@ from slimquant.quant.fake_linear import FakeQuantLinear, materialized_weights
 from slimquant.quant.grid import WeightGrid
 from slimquant.quant.qweight import QuantizedWeight
 from slimquant.quant.scale_rounding import float16_scales
+from slimquant.runtime import kv_attention
+from slimquant.runtime.cache_pass import check_cache_plan, quantize_layer_cache
 from slimquant.runtime.catcher import catch_layer_inputs
 from slimquant.runtime.context import LayerContext, with_hidden
 from slimquant.runtime.linear_error import measure_linear_errors
@@ -104,6 +106,9 @@ class LayerwiseQuantizer:
             linears.update(layer_linears(layer, f"{self.prefix}.{i}"))
         self.plans = plan_linears(recipe, self.algorithms, list(linears), float_module_names(model))
         check_group_sizes(recipe, self.plans, linears)
+        if self.algorithms.cache is not None:
+            check_cache_plan(model, self.layers, self.prefix, self.algorithms)
+            kv_attention.enable(model)
         self._check_linears(linears)
         self.needs_data = smooth_only or self.algorithms.requires_calibration_data(self.plans.values())
         self.check_finite = recipe.runtime.check_finite
@@ -266,6 +271,8 @@ class LayerwiseQuantizer:
             ctx.phase = "quantize"
             for name in quantized:
                 self._quantize_linear(ctx, name, self.plans[name], linears[name], layer, prefix)
+            if self.algorithms.cache is not None:  # dynamic only: a static cache needs data
+                quantize_layer_cache(ctx, self.algorithms)
             if self.recipe.runtime.offload_layers and self.device.type != "cpu":
                 self.layers[index].to("cpu")
             report.layers.append(LayerReport(index, time.perf_counter() - started, 0.0, len(quantized),
@@ -326,6 +333,8 @@ class LayerwiseQuantizer:
                 self._quantize_linear(ctx, name, plans[name], ctx.module(name), layer, prefix)
         if float_out is None:
             float_out = ctx.run_layer(inputs[:k])
+        if self.algorithms.cache is not None:
+            quantize_layer_cache(ctx, self.algorithms)
 
         fakes = {name: ctx.module(name) for name in quantized}
         with materialized_weights(layer):

@@ -21,7 +21,7 @@ import torch
 from pydantic import BaseModel
 
 from slimquant import hookspecs
-from slimquant.plugins import ALGORITHMS, EXPORTERS, PluginSet, hooks_of, installed, load_plugin_class
+from slimquant.plugins import ALGORITHM_HOOKS, ALGORITHMS, EXPORTERS, PluginSet, hooks_of, installed, load_plugin_class
 from slimquant.testing.models import ARCHS, tiny_model, token_samples
 
 ALIAS_KEYS = ("msmodelslim.w_method", "msmodelslim.anti_method", "paddleslim")
@@ -48,7 +48,7 @@ def check_declaration(cls: type, group: str = ALGORITHMS) -> None:
     _require(field is not None and typing.get_args(field.annotation) == (name,),
              f"{name}: Config.name must be Literal[{name!r}]")
     hooks = hooks_of(cls)
-    expected = ("export",) if group == EXPORTERS else ("observe", "smooth", "quantize_weight", "quantize_act")
+    expected = ("export",) if group == EXPORTERS else ALGORITHM_HOOKS
     _require(bool(set(hooks) & set(expected)), f"{name}: implements none of {', '.join(expected)}")
     PluginSet({name: cls(config(name=name))})  # pluggy checks each hook's arguments against its spec
     for flag in ("requires_calibration_data", "sequential"):

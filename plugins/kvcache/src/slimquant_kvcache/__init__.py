@@ -1,0 +1,1 @@
+"""Attention KV-cache quantization for slimquant."""
