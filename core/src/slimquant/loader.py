@@ -30,6 +30,7 @@ from slimquant.export.reader import QuantizedFiles
 from slimquant.model.structure import normalize_linears, set_submodule
 from slimquant.quant.actparams import ActQParams
 from slimquant.quant.fake_linear import FakeQuantLinear
+from slimquant.quant.outliers import WeightOutliers
 from slimquant.quant.qweight import QuantizedScale, QuantizedWeight, qrange
 from slimquant.smoothing import ensure_bias
 
@@ -179,6 +180,15 @@ def _stored_scale(files: QuantizedFiles, name: str, meta: LinearMeta) -> Quantiz
     return QuantizedScale(codes, block_scale, _float_values(key, _tensor(files, key, (1,))), meta.scale_block)
 
 
+def _outliers(files: QuantizedFiles, name: str, meta: LinearMeta) -> WeightOutliers | None:
+    if not meta.outliers:
+        return None
+    why = f"outliers (outliers: {meta.outliers})"
+    index_key, value_key = (_required(files, name, leaf, why) for leaf in ("weight_outlier_index",
+                                                                          "weight_outlier_value"))
+    return WeightOutliers(_tensor(files, index_key, (meta.outliers,)), _tensor(files, value_key, (meta.outliers,)))
+
+
 def read_linear(files: QuantizedFiles, name: str, meta: LinearMeta
                 ) -> tuple[QuantizedWeight, torch.Tensor | None, ActQParams | None]:
     """The saved quantized Linear `name` (weight, bias, activation parameters), every tensor checked against
@@ -196,7 +206,7 @@ def read_linear(files: QuantizedFiles, name: str, meta: LinearMeta
     bias = _bias(files, name, meta)
     try:
         qweight = QuantizedWeight(codes, scale, zero, meta.bits, meta.group_size or None, g_idx, extras, codebook,
-                                  stored)
+                                  stored, _outliers(files, name, meta), meta.sparsity)
         act = _act(files, name, meta)
     except ValueError as exc:
         raise OutputError(f"{name}: saved quantization parameters are invalid: {exc}") from None

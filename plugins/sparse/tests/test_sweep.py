@@ -3,11 +3,11 @@ SparseGPT's output error below magnitude pruning's."""
 
 import pytest
 import torch
+from sparse_helpers import correlated_inputs, hessian_of, output_error, random_weight
 
 from slimquant.quant.fake_linear import FakeQuantLinear
 from slimquant.quant.qweight import check_sparsity
 from slimquant_sparse import SparseSettings, magnitude_prune_quantize, sparsegpt_quantize
-from sparse_helpers import correlated_inputs, hessian_of, output_error, random_weight
 
 X = correlated_inputs(512, 256)
 H = hessian_of(X)

@@ -15,6 +15,7 @@ INSTALL_HINT = {
     ("msmodelslim.anti_method", "m1"): "smoothquant", ("msmodelslim.anti_method", "m2"): "shift",
     ("msmodelslim.anti_method", "m3"): "awq", ("paddleslim", "Smooth"): "smoothquant",
     ("paddleslim", "Shift"): "shift", ("paddleslim", "PieceWiseSearch"): "piecewise",
+    ("msmodelslim.sparse", "co_sparse"): "sparse",
 }
 
 

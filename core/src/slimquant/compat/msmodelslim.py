@@ -25,9 +25,10 @@ log = logging.getLogger(__name__)
 
 # msModelSlim options with no slimquant counterpart yet: (name, the value that means "off")
 UNSUPPORTED = {
-    "co_sparse": False, "nonuniform": False, "is_lowbit": False, "do_smooth": False, "use_sigma": False,
-    "use_kvcache_quant": False, "pr": 1.0,
+    "nonuniform": False, "do_smooth": False, "use_sigma": False, "use_kvcache_quant": False, "pr": 1.0,
 }
+# sparse quantization (W8A8S; is_lowbit: its low-bit form) goes to the plugin declaring aliases["msmodelslim.sparse"]
+SPARSE_ALIAS = ("msmodelslim.sparse", "co_sparse")
 LABEL_FREE_SAMPLES, LABEL_FREE_SEQLEN = 16, 256
 
 
@@ -37,7 +38,11 @@ class QuantConfig:
     def __init__(self, w_bit: int = 8, a_bit: int = 8, disable_names: Sequence[str] | None = None,
                  dev_type: str = "cpu", dev_id: int | None = None, act_method: int = 1, w_sym: bool = True,
                  mm_tensor: bool = True, w_method: str = "MinMax", group_size: int = 0, is_dynamic: bool = False,
-                 disable_last_linear: bool = True, open_outlier: bool = True, **unsupported):
+                 disable_last_linear: bool = True, open_outlier: bool = True, co_sparse: bool = False,
+                 is_lowbit: bool = False, fraction: float | None = None, sigma_factor: float | None = None,
+                 **unsupported):
+        # msModelSlim's C8: int8 keys and values, static per-channel asymmetric scales (the kv_cache section)
+        self.use_kvcache_quant = bool(unsupported.pop("use_kvcache_quant", False))
         for name, value in unsupported.items():
             if name not in UNSUPPORTED:
                 raise RecipeError(f"QuantConfig: unknown argument {name!r}")
@@ -46,6 +51,17 @@ class QuantConfig:
         if a_bit not in (8, 16):
             raise RecipeError(f"QuantConfig: a_bit must be 8 or 16, got {a_bit}")
         method = plugin_for("msmodelslim.w_method", w_method, "QuantConfig.w_method")
+        self.sparse = None
+        if co_sparse or is_lowbit:
+            where = "QuantConfig.is_lowbit" if is_lowbit else "QuantConfig.co_sparse"
+            if method != DEFAULT_ALGORITHM:
+                raise RecipeError(f"{where}: sparse quantization chooses its own weight method; leave w_method "
+                                  f"at MinMax (got {w_method!r})")
+            self.sparse = {"name": plugin_for(*SPARSE_ALIAS, where), "fraction": 0.01 if fraction is None else fraction,
+                           "sigma_factor": 3.0 if sigma_factor is None else sigma_factor}  # msModelSlim's defaults
+        elif fraction is not None or sigma_factor is not None:
+            raise RecipeError("QuantConfig: fraction and sigma_factor apply to sparse quantization only "
+                              "(co_sparse=True or is_lowbit=True)")
         if not disable_last_linear:
             raise RecipeError("QuantConfig: disable_last_linear=False (quantizing lm_head) is not supported yet")
         if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 0:
@@ -74,6 +90,10 @@ class QuantConfig:
         data["algorithms"] = [{"name": DEFAULT_ALGORITHM, "act_method": self.act_method}]
         if self.w_method != DEFAULT_ALGORITHM:
             data["algorithms"].append({"name": self.w_method})
+        if self.sparse is not None:
+            data["algorithms"].append(dict(self.sparse))
+        if self.use_kvcache_quant:
+            data["kv_cache"] = {"bits": 8, "strategy": "channel", "symmetric": False}
         return Recipe.parse(data, source="QuantConfig")
 
 

@@ -21,7 +21,8 @@ FORMAT_VERSION = 2
 SHOWN_ERRORS = 3
 # tensor suffixes of a quantized Linear (`slimquant.export.layout`); an extra tensor may not take one of them
 LINEAR_SUFFIXES = ("weight", "weight_scale", "weight_offset", "weight_codebook", "weight_scale_scale",
-                   "weight_scale_offset", "g_idx", "bias", "input_scale", "input_offset", "deq_scale", "quant_bias")
+                   "weight_scale_offset", "g_idx", "bias", "input_scale", "input_offset", "deq_scale", "quant_bias",
+                   "weight_outlier_index", "weight_outlier_value")
 
 Bits = Annotated[int, Field(ge=1, le=8)]
 ExtraName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
@@ -70,6 +71,8 @@ class LinearMeta(_Closed):
     int_kernel: bool
     codebook: bool = False  # a non-uniform grid: weight_codebook holds the value of each code
     scale_block: int = Field(0, ge=0)  # > 0: weight_scale stored as int8 codes in blocks of this many (layout)
+    outliers: int = Field(0, ge=0)  # > 0: this many outliers in weight_outlier_index / weight_outlier_value
+    sparsity: str | None = Field(None, pattern=r"^(unstructured|[1-9][0-9]*:[1-9][0-9]*)$")  # pruned: the pattern
 
     @model_validator(mode="after")
     def _consistent(self) -> LinearMeta:
@@ -103,6 +106,8 @@ class LinearMeta(_Closed):
             suffixes.add("weight_codebook")
         if self.scale_block:
             suffixes |= {"weight_scale_scale", "weight_scale_offset"}
+        if self.outliers:
+            suffixes |= {"weight_outlier_index", "weight_outlier_value"}
         if self.bias:
             suffixes.add("bias")
         if self.act is not None and not self.act.dynamic:

@@ -15,6 +15,11 @@ Per quantized Linear `<name>` (a FakeQuantLinear):
   `<name>.weight_scale` is then int8 [out, groups], `<name>.weight_scale_scale` float32 [ceil(out * groups /
   scale_block)] and `<name>.weight_scale_offset` float32 [1], and the scale is weight_scale * weight_scale_scale[k //
   scale_block] + weight_scale_offset for the k-th scale in row-major order;
+- `<name>.weight_outlier_index` (int32/int64 [k], flat row-major positions) and `<name>.weight_outlier_value`
+  (float16/bfloat16 [k]): a weight's outliers (`QuantizedWeight.outliers`), added to the dequantized codes
+  (meta `outliers`: k);
+- a pruned weight (`QuantizedWeight.sparsity`, meta `sparsity`: "unstructured" or "N:M") keeps its mask in its codes
+  (pruned weights dequantize to 0) and its type gains msModelSlim's sparse suffix: W8A8 becomes W8A8S;
 - `<name>.<extra>`: every algorithm-specific tensor of QuantizedWeight.extras (e.g. weight_scale_second);
 - `<name>.bias`: the float bias, when the Linear has one;
 - static activations: `<name>.input_scale`, `<name>.input_offset` (float32, [1] per tensor or [in] per
@@ -50,6 +55,7 @@ from slimquant.quant.fake_linear import FakeQuantLinear
 from slimquant.quant.qweight import contiguous_g_idx
 
 INT32 = (-(2**31), 2**31 - 1)
+SPARSE_SUFFIX = "S"  # msModelSlim: "W8A8S" for sparse quantization
 
 
 @dataclass
@@ -79,9 +85,10 @@ class Layout:
 def linear_type(module: FakeQuantLinear) -> str:
     """W8A16, W4A16, W8A8, W8A8_DYNAMIC, ... as `Scheme.type_name` spells them."""
     act = module.act
+    sparse = SPARSE_SUFFIX if module.sparsity is not None else ""
     if act is None:
-        return f"W{module.bits}A16"
-    return f"W{module.bits}A{act.bits}{'_DYNAMIC' if act.dynamic else ''}"
+        return f"W{module.bits}A16{sparse}"
+    return f"W{module.bits}A{act.bits}{'_DYNAMIC' if act.dynamic else ''}{sparse}"
 
 
 def int_kernel_params(w_scale: torch.Tensor, w_zero: torch.Tensor | None, act) -> tuple[torch.Tensor, float] | None:
@@ -126,6 +133,9 @@ def _add_linear(layout: Layout, name: str, module: FakeQuantLinear, kind: str, p
         g_idx = None
     if g_idx is not None:
         own("g_idx", g_idx.to(torch.int32))
+    if qw.outliers is not None:
+        own("weight_outlier_index", qw.outliers.index)
+        own("weight_outlier_value", qw.outliers.values)
     for extra, tensor in qw.extras.items():
         own(extra, tensor)
     if module.bias is not None:
@@ -154,6 +164,10 @@ def _add_linear(layout: Layout, name: str, module: FakeQuantLinear, kind: str, p
     }
     if stored is not None:
         layout.linears[name]["scale_block"] = stored.block_size
+    if qw.outliers is not None:
+        layout.linears[name]["outliers"] = int(qw.outliers.index.numel())
+    if qw.sparsity is not None:
+        layout.linears[name]["sparsity"] = qw.sparsity
 
 
 def float_tensor_names(model: nn.Module) -> list[str]:
@@ -188,7 +202,7 @@ def build_layout(model: nn.Module, linear_types: dict[str, str] | None = None, p
         if name not in fakes:
             raise OutputError(f"linear_types says {name} is {kind}, but the model holds no quantized Linear there "
                               "(was the model quantized with this report?)")
-        if kinds[name] != kind:
+        if kinds[name] not in (kind, kind + SPARSE_SUFFIX):  # the plan's scheme does not know of pruning
             raise OutputError(f"{name}: linear_types says {kind}, the quantized Linear is {kinds[name]}")
     model_type, architectures = _architecture(model)
     layout = Layout(model_type=model_type, architectures=architectures, float_tensors=float_tensor_names(model))

@@ -11,6 +11,7 @@ from torch import nn
 
 from slimquant.quant.actparams import ActQParams
 from slimquant.quant.math import dynamic_token_fake_quant, fake_quantize
+from slimquant.quant.outliers import WeightOutliers
 from slimquant.quant.qweight import QuantizedScale, QuantizedWeight, dequantize_codes
 
 
@@ -37,6 +38,10 @@ class FakeQuantLinear(nn.Module):
         self.register_buffer("scale_offset", None if stored is None else stored.offset)
         for name, tensor in qweight.extras.items():
             self.register_buffer(f"extra_{name}", tensor)
+        self.sparsity = qweight.sparsity
+        outliers = qweight.outliers
+        self.register_buffer("outlier_index", None if outliers is None else outliers.index)
+        self.register_buffer("outlier_value", None if outliers is None else outliers.values)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.act = act
         self.materialized: torch.Tensor | None = None
@@ -51,7 +56,11 @@ class FakeQuantLinear(nn.Module):
         if self.scale_block_size is not None:
             stored = QuantizedScale(self.scale_codes, self.scale_block_scale, self.scale_offset, self.scale_block_size)
         return QuantizedWeight(self.codes, self.weight_scale, self.weight_zero, self.bits, self.group_size,
-                               self.g_idx, extras, self.codebook, stored)
+                               self.g_idx, extras, self.codebook, stored, self.outliers, self.sparsity)
+
+    @property
+    def outliers(self) -> WeightOutliers | None:
+        return None if self.outlier_index is None else WeightOutliers(self.outlier_index, self.outlier_value)
 
     @property
     def act_qparams(self) -> ActQParams | None:
@@ -63,8 +72,9 @@ class FakeQuantLinear(nn.Module):
     def weight(self) -> torch.Tensor:
         if self.materialized is not None:
             return self.materialized
-        return dequantize_codes(self.codes, self.weight_scale, self.weight_zero, self.group_size, self.g_idx,
-                                self.compute_dtype, self.codebook)
+        weight = dequantize_codes(self.codes, self.weight_scale, self.weight_zero, self.group_size, self.g_idx,
+                                  self.compute_dtype, self.codebook)
+        return weight if self.outlier_index is None else self.outliers.add_to(weight)
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         act = self.act

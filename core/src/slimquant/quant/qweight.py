@@ -6,7 +6,8 @@ code's group; the zero point may be fractional (HQQ). On a codebook (non-uniform
 `codebook[code + 2^(b-1)] * scale`, with no zero point. `g_idx[i]` names the group of input channel i;
 contiguous groups are `arange(in_features) // group_size` and the last group may be shorter than group_size.
 The scales may themselves be stored quantized (`QuantizedScale`, bitsandbytes' double quantization): `scale` is
-then exactly what those codes dequantize to, so memory and disk agree.
+then exactly what those codes dequantize to, so memory and disk agree. A pruned weight (`sparsity`) has codes that
+dequantize to exactly 0 where it was pruned; `outliers` (`slimquant.quant.outliers`) add a sparse 16-bit residual.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+
+from slimquant.quant.outliers import WeightOutliers
 
 
 def qrange(bits: int) -> tuple[int, int]:
@@ -51,6 +54,23 @@ def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
     if zero is not None:
         w.sub_(zero[:, idx])
     return w.mul_(scale[:, idx]).to(dtype)
+
+
+def check_sparsity(weight: torch.Tensor, pattern: str) -> None:
+    """Raise ValueError unless `weight` follows `pattern`: "unstructured" (anything) or "N:M" (at most N nonzeros in
+    every M consecutive input columns of a row)."""
+    if pattern == "unstructured":
+        return
+    n, _, m = pattern.partition(":")
+    if not (n.isdigit() and m.isdigit() and 0 < int(n) < int(m)):
+        raise ValueError(f"sparsity {pattern!r} is neither 'unstructured' nor 'N:M' with 0 < N < M")
+    n, m = int(n), int(m)
+    rows, cols = weight.shape
+    if cols % m:
+        raise ValueError(f"sparsity {pattern}: in_features {cols} is not a multiple of {m}")
+    most = int((weight != 0).view(rows, cols // m, m).sum(-1).max()) if weight.numel() else 0
+    if most > n:
+        raise ValueError(f"sparsity {pattern}: a group of {m} input columns holds {most} nonzero weights")
 
 
 @dataclass
@@ -92,6 +112,8 @@ class QuantizedWeight:
     extras: dict[str, torch.Tensor] = field(default_factory=dict)  # algorithm-specific tensors to save
     codebook: torch.Tensor | None = None  # float32 [2^bits]: code c stands for codebook[c + 2^(bits-1)] (NF4)
     scale_quant: QuantizedScale | None = None  # how `scale` is stored, when it is stored quantized
+    outliers: WeightOutliers | None = None  # a sparse 16-bit residual added on dequantization
+    sparsity: str | None = None  # the pattern the codes were pruned to: "unstructured" or "N:M" (zero codes are 0)
 
     def __post_init__(self):
         out_features, in_features = self.codes.shape
@@ -122,6 +144,10 @@ class QuantizedWeight:
                                  f"{list(self.scale.shape)}")
             if not torch.equal(self.scale_quant.dequantize().to(self.scale), self.scale):
                 raise ValueError("scale differs from what its stored codes (scale_quant) dequantize to")
+        if self.outliers is not None:
+            self.outliers.check((out_features, in_features))
+        if self.sparsity is not None:
+            check_sparsity(self.dequantize_codes(), self.sparsity)
 
     @property
     def symmetric(self) -> bool:
@@ -136,8 +162,13 @@ class QuantizedWeight:
             return self.g_idx.long()
         return contiguous_g_idx(self.codes.shape[1], self.group_size, self.codes.device).long()
 
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def dequantize_codes(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """What the codes alone stand for (without the outliers)."""
         return dequantize_codes(self.codes, self.scale, self.zero, self.group_size, self.g_idx, dtype, self.codebook)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        w = self.dequantize_codes(dtype)
+        return w if self.outliers is None else self.outliers.add_to(w)
 
     def to(self, device) -> QuantizedWeight:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
@@ -146,4 +177,5 @@ class QuantizedWeight:
             group_size=self.group_size, g_idx=move(self.g_idx),
             extras={k: v.to(device) for k, v in self.extras.items()}, codebook=move(self.codebook),
             scale_quant=None if self.scale_quant is None else self.scale_quant.to(device),
+            outliers=None if self.outliers is None else self.outliers.to(device), sparsity=self.sparsity,
         )

@@ -24,7 +24,7 @@ from slimquant import hookspecs
 from slimquant.plugins import ALGORITHM_HOOKS, ALGORITHMS, EXPORTERS, PluginSet, hooks_of, installed, load_plugin_class
 from slimquant.testing.models import ARCHS, tiny_model, token_samples
 
-ALIAS_KEYS = ("msmodelslim.w_method", "msmodelslim.anti_method", "paddleslim")
+ALIAS_KEYS = ("msmodelslim.w_method", "msmodelslim.anti_method", "msmodelslim.sparse", "paddleslim")
 
 
 class ContractError(AssertionError):

@@ -106,6 +106,9 @@ def weight_problems(name: str, module: FakeQuantLinear, dtype: torch.dtype) -> l
     if qw.codebook is not None:
         problems.append(f"{name}: weights on a codebook grid (NF4) cannot be stored; compressed-tensors holds "
                         "uniform integer grids only")
+    if qw.outliers is not None:
+        problems.append(f"{name}: 16-bit outliers (sparse fraction) cannot be stored; compressed-tensors has no "
+                        "sparse residual")
     if qw.zero is not None and not torch.equal(qw.zero, torch.round(qw.zero)):
         problems.append(f"{name}: fractional zero points (HQQ) cannot be stored; compressed-tensors' "
                         "weight_zero_point is an integer")

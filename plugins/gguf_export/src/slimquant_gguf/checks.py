@@ -49,6 +49,8 @@ def module_problems(name: str, module: FakeQuantLinear) -> list[str]:
         return problems
     if qw.codebook is not None:
         problems.append(f"{name}: weights on a codebook grid (NF4) have no gguf block type here")
+    if qw.outliers is not None:
+        problems.append(f"{name}: 16-bit outliers (sparse fraction) have no gguf block type; gguf blocks are dense")
     if qw.zero is not None and not torch.equal(qw.zero, torch.round(qw.zero)):
         problems.append(f"{name}: fractional zero points (HQQ) cannot be stored in Q4_1 blocks exactly")
     if qw.g_idx is not None and not torch.equal(qw.g_idx.cpu().to(torch.int32),

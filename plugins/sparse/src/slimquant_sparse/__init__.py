@@ -6,5 +6,5 @@ from slimquant_sparse.plugin import SparsePlugin
 from slimquant_sparse.settings import SparseSettings
 from slimquant_sparse.sparsegpt import sparsegpt_quantize
 
-__all__ = ["SavedSparsity", "bytes_on_disk", "SparsePlugin", "SparseSettings", "magnitude_prune_quantize", "saved_sparsity",
-           "sparsegpt_quantize"]
+__all__ = ["SavedSparsity", "SparsePlugin", "SparseSettings", "bytes_on_disk", "magnitude_prune_quantize",
+           "saved_sparsity", "sparsegpt_quantize"]

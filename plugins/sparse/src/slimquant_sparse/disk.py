@@ -13,6 +13,7 @@ from slimquant.loader import read_linear
 @dataclass(frozen=True)
 class SavedSparsity:
     pattern: str | None  # the description's sparsity (None: not pruned)
+    weights: int  # out_features * in_features
     zero_codes: float  # fraction of codes that dequantize to 0 (the mask)
     zero_weights: float  # fraction of the weight, outliers added, that is 0
     outliers: int
@@ -26,8 +27,10 @@ def saved_sparsity(output_dir: str | os.PathLike) -> dict[str, SavedSparsity]:
     for name, meta in files.meta.linears.items():
         qweight, _, _ = read_linear(files, name, meta)
         stored = sum(t.numel() * t.element_size() for t in (files.get(k) for k in files.keys_of(name)))
-        found[name] = SavedSparsity(meta.sparsity, float((qweight.dequantize_codes() == 0).float().mean()),
-                                    float((qweight.dequantize() == 0).float().mean()), meta.outliers, stored)
+        zero_codes = float((qweight.dequantize_codes() == 0).float().mean())
+        zero_weights = float((qweight.dequantize() == 0).float().mean())
+        found[name] = SavedSparsity(meta.sparsity, qweight.codes.numel(), zero_codes, zero_weights, meta.outliers,
+                                    stored)
     return found
 
 
