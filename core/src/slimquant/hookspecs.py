@@ -33,8 +33,13 @@ A plugin is a class with:
       see ``weight_grid`` below) instead of always onto the uniform one: minmax and gptq do.
   ``aliases: dict[str, str]`` (default empty)
       The names other tools give this algorithm, for slimquant's compatibility APIs: keys
-      ``"msmodelslim.w_method"``, ``"msmodelslim.anti_method"``, ``"paddleslim"``; e.g. ``{"msmodelslim.w_method":
-      "GPTQ"}``. The compatibility APIs look plugins up by these, never by a name written into slimquant.
+      ``"msmodelslim.w_method"``, ``"msmodelslim.anti_method"``, ``"msmodelslim.sparse"`` (value ``"co_sparse"``:
+      QuantConfig's co_sparse / is_lowbit), ``"paddleslim"``; e.g. ``{"msmodelslim.w_method": "GPTQ"}``. The
+      compatibility APIs look plugins up by these, never by a name written into slimquant.
+
+  A weight algorithm may return a pruned ``QuantizedWeight`` (``sparsity``: the pattern; pruned codes dequantize to
+  exactly 0) with ``outliers`` (``slimquant.quant.outliers.WeightOutliers``: flat int32/int64 positions and
+  float16/bfloat16 values, unique, in range, finite, added by ``dequantize``); the msModelSlim layout saves both.
 
 Weight grids: a plugin may define the values a weight's codes stand for (a codebook such as NF4, with its way of
 choosing each group's scale) through ``weight_grid``. When a recipe names two weight algorithms and exactly one of
