@@ -36,7 +36,6 @@ def test_w4a16_per_group_and_per_token_dynamic():
 @pytest.mark.parametrize("kwargs,message", [
     ({"do_smooth": True}, "do_smooth"),
     ({"pr": 0.5}, "pr"),
-    ({"use_kvcache_quant": True}, "use_kvcache_quant"),
     ({"w_bit": 9}, "bits"),
     ({"a_bit": 4}, "a_bit"),
     ({"w_method": "magic"}, "w_method"),

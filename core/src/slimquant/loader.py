@@ -23,9 +23,9 @@ from torch import nn
 
 from slimquant.errors import OutputError
 from slimquant.export.description import LinearMeta, OutputMeta
+from slimquant.export.kv_cache import restore_cache
 from slimquant.export.layout import float_tensor_names, int_kernel_params, quant_bias
 from slimquant.export.packing import PACK_INT4, unpack_int4
-from slimquant.export.kv_cache import restore_cache
 from slimquant.export.reader import QuantizedFiles
 from slimquant.model.structure import normalize_linears, set_submodule
 from slimquant.quant.actparams import ActQParams
