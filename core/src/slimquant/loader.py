@@ -17,6 +17,7 @@ Each Linear's tensors are checked against its description (`read_linear`) as the
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -32,6 +33,7 @@ from slimquant.quant.actparams import ActQParams
 from slimquant.quant.fake_linear import FakeQuantLinear
 from slimquant.quant.outliers import WeightOutliers
 from slimquant.quant.qweight import QuantizedScale, QuantizedWeight, qrange
+from slimquant.quant.two_level import TwoLevelScale
 from slimquant.smoothing import ensure_bias
 
 __all__ = ["load_quantized", "read_linear"]
@@ -189,6 +191,19 @@ def _outliers(files: QuantizedFiles, name: str, meta: LinearMeta) -> WeightOutli
     return WeightOutliers(_tensor(files, index_key, (meta.outliers,)), _tensor(files, value_key, (meta.outliers,)))
 
 
+def _two_level(files: QuantizedFiles, name: str, meta: LinearMeta) -> TwoLevelScale:
+    """weight_scale [out, 1] and weight_scale_second [out, groups], with all-zero offsets (symmetric groups)."""
+    why = f"two-level scales (channel_bits: {meta.channel_bits})"
+    out_f, groups = meta.out_features, meta.groups
+    channel = _scale(files, _required(files, name, "weight_scale", why), out_f, 1)
+    group = _scale(files, _required(files, name, "weight_scale_second", why), out_f, groups)
+    for leaf, cols in (("weight_offset", 1), ("weight_offset_second", groups)):
+        key = f"{name}.{leaf}"
+        if key in files and _scale(files, key, out_f, cols).any():
+            raise OutputError(f"{name}: tensor {key} holds non-zero offsets, but two-level scales are symmetric")
+    return TwoLevelScale(group, channel, meta.channel_bits)
+
+
 def read_linear(files: QuantizedFiles, name: str, meta: LinearMeta
                 ) -> tuple[QuantizedWeight, torch.Tensor | None, ActQParams | None]:
     """The saved quantized Linear `name` (weight, bias, activation parameters), every tensor checked against
@@ -196,8 +211,13 @@ def read_linear(files: QuantizedFiles, name: str, meta: LinearMeta
     _check_owned_tensors(files, name, meta)
     codes = _codes(files, name, meta)
     stored = _stored_scale(files, name, meta) if meta.scale_block else None
-    scale = stored.dequantize() if stored else _scale(files, f"{name}.weight_scale", meta.out_features, meta.groups)
-    zero = _weight_offset(files, name, meta)
+    two = _two_level(files, name, meta) if meta.channel_bits else None
+    if two is not None:
+        scale, zero = two.dequantize(), None
+    else:
+        scale = stored.dequantize() if stored else _scale(files, f"{name}.weight_scale", meta.out_features,
+                                                          meta.groups)
+        zero = _weight_offset(files, name, meta)
     g_idx = _g_idx(files, name, meta)
     extras = {e: files.get(f"{name}.{e}") for e in meta.extras}
     codebook = _codebook(files, name, meta)
@@ -207,6 +227,8 @@ def read_linear(files: QuantizedFiles, name: str, meta: LinearMeta
     try:
         qweight = QuantizedWeight(codes, scale, zero, meta.bits, meta.group_size or None, g_idx, extras, codebook,
                                   stored, _outliers(files, name, meta), meta.sparsity)
+        if two is not None:
+            qweight = replace(qweight, two_level=two)
         act = _act(files, name, meta)
     except ValueError as exc:
         raise OutputError(f"{name}: saved quantization parameters are invalid: {exc}") from None

@@ -242,6 +242,11 @@ class AlgorithmPlan:
         problems = []
         grid = [plan.grid_algorithm] if plan.grid_algorithm else []
         quantizer = self.plugins.get(plan.weight_algorithm)
+        if plan.scheme.weights.channel_bits and not accepts_weight_grid(quantizer):
+            problems.append(f"{plan.weight_algorithm}: cannot choose codes on two-level scales (weights.channel_bits, "
+                            "W4A8_DYNAMIC per group): it does not declare accepts_weight_grid; use minmax or gptq")
+        if plan.scheme.weights.channel_bits and grid:
+            problems.append(f"weights.channel_bits: two-level scales are for the uniform grid, not {grid[0]!r}'s")
         if grid and grid != [plan.weight_algorithm] and not accepts_weight_grid(quantizer):
             problems.append(f"{plan.weight_algorithm}: cannot round onto the weight grid of {plan.grid_algorithm!r} "
                             "(it does not declare accepts_weight_grid)")

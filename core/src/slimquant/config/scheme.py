@@ -24,6 +24,9 @@ class WeightArgs(BaseModel):
     symmetric: bool = True
     strategy: Strategy | None = None
     group_size: int | None = Field(None, description="input channels per scale; the last group may be shorter")
+    channel_bits: int | None = Field(
+        None, ge=2, le=8, description="two-level scales (msModelSlim W4A8_DYNAMIC per group): a per-channel scale for "
+                                      "channel_bits integers, and per group a scale on those (weight_scale_second)")
     scale_dtype: Literal["float32", "float16"] = Field(
         "float32", description="float16: after quantizing, round each scale so that a format storing float16 scale "
                                "and float16 offset (scale * unsigned zero, GGUF's Q4_1 min) holds it exactly")
@@ -52,6 +55,10 @@ class WeightArgs(BaseModel):
             raise ValueError("weights cannot be quantized per token; use tensor, channel or group")
         if self.bits == 1 and self.symmetric:
             raise ValueError("1-bit weights have two levels, min and max: set symmetric: false")
+        if self.channel_bits is not None:
+            if strategy != Strategy.GROUP or not self.symmetric or self.channel_bits <= self.bits:
+                raise ValueError(f"channel_bits={self.channel_bits}: two-level scales are for symmetric per-group "
+                                 f"weights of fewer bits ({self.bits}-bit here)")
         return self
 
 
@@ -83,6 +90,15 @@ class Scheme(BaseModel):
 
     weights: WeightArgs
     activations: ActArgs | None = None
+
+    @model_validator(mode="after")
+    def _w4a8_dynamic_has_two_level_groups(self) -> Scheme:
+        """msModelSlim's W4A8_DYNAMIC per group: int4 groups on a per-channel int8 level (weight_scale_second)."""
+        w, a = self.weights, self.activations
+        if (self.type_name == "W4A8_DYNAMIC" and w.strategy == Strategy.GROUP and w.symmetric
+                and w.channel_bits is None and w.scale_dtype == "float32"):
+            object.__setattr__(self, "weights", w.model_copy(update={"channel_bits": a.bits}))
+        return self
 
     @property
     def type_name(self) -> str:

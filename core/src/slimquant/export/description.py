@@ -20,7 +20,8 @@ from slimquant.quant.qweight import num_groups
 FORMAT_VERSION = 2
 SHOWN_ERRORS = 3
 # tensor suffixes of a quantized Linear (`slimquant.export.layout`); an extra tensor may not take one of them
-LINEAR_SUFFIXES = ("weight", "weight_scale", "weight_offset", "weight_codebook", "weight_scale_scale",
+LINEAR_SUFFIXES = ("weight", "weight_scale", "weight_offset", "weight_scale_second", "weight_offset_second",
+                   "weight_codebook", "weight_scale_scale",
                    "weight_scale_offset", "g_idx", "bias", "input_scale", "input_offset", "deq_scale", "quant_bias",
                    "weight_outlier_index", "weight_outlier_value")
 
@@ -71,6 +72,7 @@ class LinearMeta(_Closed):
     int_kernel: bool
     codebook: bool = False  # a non-uniform grid: weight_codebook holds the value of each code
     scale_block: int = Field(0, ge=0)  # > 0: weight_scale stored as int8 codes in blocks of this many (layout)
+    channel_bits: int = Field(0, ge=0, le=8)  # > 0: two-level scales, weight_scale [out, 1] + weight_scale_second
     outliers: int = Field(0, ge=0)  # > 0: this many outliers in weight_outlier_index / weight_outlier_value
     sparsity: str | None = Field(None, pattern=r"^(unstructured|[1-9][0-9]*:[1-9][0-9]*)$")  # pruned: the pattern
 
@@ -104,6 +106,8 @@ class LinearMeta(_Closed):
             suffixes.add("g_idx")
         if self.codebook:
             suffixes.add("weight_codebook")
+        if self.channel_bits:
+            suffixes |= {"weight_scale_second", "weight_offset_second"}
         if self.scale_block:
             suffixes |= {"weight_scale_scale", "weight_scale_offset"}
         if self.outliers:

@@ -118,13 +118,20 @@ def _add_linear(layout: Layout, name: str, module: FakeQuantLinear, kind: str, p
     own = lambda key, t: layout.add(f"{name}.{key}", t, kind, name)  # noqa: E731
     own("weight", pack_int4(qw.codes.cpu()) if packed else qw.codes)
     stored = qw.scale_quant
-    if stored is None:
+    two = qw.two_level
+    if two is not None:  # msModelSlim W4A8_DYNAMIC: the channel level first, each group's scale "second"
+        own("weight_scale", two.channel_scale.float())
+        own("weight_scale_second", two.group_scale.float())
+        own("weight_offset_second", torch.zeros_like(two.group_scale, dtype=torch.float32))
+    elif stored is None:
         own("weight_scale", qw.scale.float())
     else:
         own("weight_scale", stored.codes)
         own("weight_scale_scale", stored.block_scale.float())
         own("weight_scale_offset", stored.offset.float())
-    if qw.codebook is None:
+    if two is not None:
+        own("weight_offset", torch.zeros_like(two.channel_scale, dtype=torch.float32))
+    elif qw.codebook is None:
         own("weight_offset", torch.zeros_like(qw.scale, dtype=torch.float32) if qw.zero is None else qw.zero.float())
     else:
         own("weight_codebook", qw.codebook.float())
@@ -164,6 +171,8 @@ def _add_linear(layout: Layout, name: str, module: FakeQuantLinear, kind: str, p
     }
     if stored is not None:
         layout.linears[name]["scale_block"] = stored.block_size
+    if two is not None:
+        layout.linears[name]["channel_bits"] = two.channel_bits
     if qw.outliers is not None:
         layout.linears[name]["outliers"] = int(qw.outliers.index.numel())
     if qw.sparsity is not None:
@@ -237,6 +246,9 @@ def description(layout: Layout, files: dict[str, str]) -> dict:
     desc: dict = {"model_quant_type": layout.model_quant_type, "version": "1.0.0"}
     if layout.kv_cache is not None:
         desc["kv_cache_type"] = kv_cache.cache_type(layout.kv_cache["bits"])
+    second = sorted({lin["type"] for lin in layout.linears.values() if lin.get("channel_bits")})
+    if second:  # msModelSlim marks outputs with two-level scales
+        desc["model_quant_type_second"] = second[0]
     if len(group_sizes) == 1:
         desc["group_size"] = group_sizes.pop()
     if len(bits) == 1:

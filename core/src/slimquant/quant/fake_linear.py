@@ -13,6 +13,7 @@ from slimquant.quant.actparams import ActQParams
 from slimquant.quant.math import dynamic_token_fake_quant, fake_quantize
 from slimquant.quant.outliers import WeightOutliers
 from slimquant.quant.qweight import QuantizedScale, QuantizedWeight, dequantize_codes
+from slimquant.quant.two_level import TwoLevelScale
 
 
 class FakeQuantLinear(nn.Module):
@@ -38,6 +39,10 @@ class FakeQuantLinear(nn.Module):
         self.register_buffer("scale_offset", None if stored is None else stored.offset)
         for name, tensor in qweight.extras.items():
             self.register_buffer(f"extra_{name}", tensor)
+        two = qweight.two_level
+        self.channel_bits = None if two is None else two.channel_bits
+        self.register_buffer("weight_group_scale", None if two is None else two.group_scale)
+        self.register_buffer("weight_channel_scale", None if two is None else two.channel_scale)
         self.sparsity = qweight.sparsity
         outliers = qweight.outliers
         self.register_buffer("outlier_index", None if outliers is None else outliers.index)
@@ -55,8 +60,11 @@ class FakeQuantLinear(nn.Module):
         stored = None
         if self.scale_block_size is not None:
             stored = QuantizedScale(self.scale_codes, self.scale_block_scale, self.scale_offset, self.scale_block_size)
+        two = None
+        if self.channel_bits is not None:
+            two = TwoLevelScale(self.weight_group_scale, self.weight_channel_scale, self.channel_bits)
         return QuantizedWeight(self.codes, self.weight_scale, self.weight_zero, self.bits, self.group_size,
-                               self.g_idx, extras, self.codebook, stored, self.outliers, self.sparsity)
+                               self.g_idx, extras, self.codebook, stored, self.outliers, self.sparsity, two)
 
     @property
     def outliers(self) -> WeightOutliers | None:

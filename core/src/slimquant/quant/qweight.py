@@ -13,10 +13,14 @@ dequantize to exactly 0 where it was pruned; `outliers` (`slimquant.quant.outlie
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from slimquant.quant.outliers import WeightOutliers
+
+if TYPE_CHECKING:
+    from slimquant.quant.two_level import TwoLevelScale
 
 
 def qrange(bits: int) -> tuple[int, int]:
@@ -114,6 +118,7 @@ class QuantizedWeight:
     scale_quant: QuantizedScale | None = None  # how `scale` is stored, when it is stored quantized
     outliers: WeightOutliers | None = None  # a sparse 16-bit residual added on dequantization
     sparsity: str | None = None  # the pattern the codes were pruned to: "unstructured" or "N:M" (zero codes are 0)
+    two_level: TwoLevelScale | None = None  # scale = group_scale * channel_scale (W4A8_DYNAMIC, quant.two_level)
 
     def __post_init__(self):
         out_features, in_features = self.codes.shape
@@ -144,6 +149,12 @@ class QuantizedWeight:
                                  f"{list(self.scale.shape)}")
             if not torch.equal(self.scale_quant.dequantize().to(self.scale), self.scale):
                 raise ValueError("scale differs from what its stored codes (scale_quant) dequantize to")
+        if self.two_level is not None:
+            if tuple(self.two_level.group_scale.shape) != tuple(self.scale.shape):
+                raise ValueError(f"second-level scale shape {list(self.two_level.group_scale.shape)} != scale shape "
+                                 f"{list(self.scale.shape)}")
+            if not torch.equal(self.two_level.dequantize().to(self.scale), self.scale):
+                raise ValueError("scale differs from group_scale * channel_scale of its two-level scales")
         if self.outliers is not None:
             self.outliers.check((out_features, in_features))
         if self.sparsity is not None:
@@ -178,4 +189,5 @@ class QuantizedWeight:
             extras={k: v.to(device) for k, v in self.extras.items()}, codebook=move(self.codebook),
             scale_quant=None if self.scale_quant is None else self.scale_quant.to(device),
             outliers=None if self.outliers is None else self.outliers.to(device), sparsity=self.sparsity,
+            two_level=None if self.two_level is None else self.two_level.to(device),
         )

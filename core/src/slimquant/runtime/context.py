@@ -62,7 +62,7 @@ class LayerContext:
         """The `slimquant.quant.grid.WeightGrid` the Linear's codes are rounded onto, from the plugin its plan names
         as grid provider; None for the uniform integer grid (see slimquant.hookspecs)."""
         plan = self.plans.get(name)
-        if plan is None or plan.grid_algorithm is None:
+        if plan is None or (plan.grid_algorithm is None and not plan.scheme.weights.channel_bits):
             return None
         if self.grid_of is None:
             raise RuntimeError(f"{name}: its plan has a weight grid ({plan.grid_algorithm}), but this LayerContext "

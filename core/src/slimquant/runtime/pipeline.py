@@ -31,6 +31,7 @@ from slimquant.quant.fake_linear import FakeQuantLinear, materialized_weights
 from slimquant.quant.grid import WeightGrid
 from slimquant.quant.qweight import QuantizedWeight
 from slimquant.quant.scale_rounding import float16_scales
+from slimquant.quant.two_level import two_level_grid
 from slimquant.runtime import kv_attention
 from slimquant.runtime.cache_pass import check_cache_plan, quantize_layer_cache
 from slimquant.runtime.catcher import catch_layer_inputs
@@ -134,7 +135,7 @@ class LayerwiseQuantizer:
         """The plan's weight grid from its provider's `weight_grid` hook, built once per (provider, WeightArgs)."""
         key = (plan.grid_algorithm, plan.scheme.weights)
         if key not in self._grids:
-            grid = None
+            grid = two_level_grid(plan.scheme.weights)
             if plan.grid_algorithm is not None:
                 grid = self.plugins.call(plan.grid_algorithm, "weight_grid", args=plan.scheme.weights)
                 if grid is not None and not isinstance(grid, WeightGrid):
