@@ -43,8 +43,6 @@ class QuantConfig:
                  **unsupported):
         # msModelSlim's C8: int8 keys and values, static per-channel asymmetric scales (the kv_cache section)
         self.use_kvcache_quant = bool(unsupported.pop("use_kvcache_quant", False))
-        # msModelSlim's C8: int8 keys and values, static per-channel asymmetric scales (the kv_cache section)
-        self.use_kvcache_quant = bool(unsupported.pop("use_kvcache_quant", False))
         for name, value in unsupported.items():
             if name not in UNSUPPORTED:
                 raise RecipeError(f"QuantConfig: unknown argument {name!r}")
@@ -94,8 +92,6 @@ class QuantConfig:
             data["algorithms"].append({"name": self.w_method})
         if self.sparse is not None:
             data["algorithms"].append(dict(self.sparse))
-        if self.use_kvcache_quant:
-            data["kv_cache"] = {"bits": 8, "strategy": "channel", "symmetric": False}
         if self.use_kvcache_quant:
             data["kv_cache"] = {"bits": 8, "strategy": "channel", "symmetric": False}
         return Recipe.parse(data, source="QuantConfig")
