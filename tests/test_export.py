@@ -97,14 +97,14 @@ def test_permuted_groups_and_extra_tensors_round_trip(tmp_path):
     g_idx = (torch.randperm(80, generator=torch.Generator().manual_seed(0)) % 3).to(torch.int32)
     scale, zero = weight_qparams(lin.weight, 4, False, 32, g_idx=g_idx)
     qw = quantize_weight_with(lin.weight, scale, zero, 4, 32, g_idx=g_idx)
-    qw.extras["weight_scale_second"] = torch.rand(48, 1)
+    qw.extras["awq_input_scale"] = torch.rand(48, 1)
     model.model.layers[0].mlp.down_proj = FakeQuantLinear(qw, None, None)
     save_quantized(model, tmp_path / "o", save_type="safe_tensor")
     tensors = load_file(tmp_path / "o" / "quant_model_weight_w4a16.safetensors")
     assert torch.equal(tensors["model.layers.0.mlp.down_proj.g_idx"], g_idx)
     loaded = load_quantized(fresh, tmp_path / "o")
     back = loaded.model.layers[0].mlp.down_proj
-    assert torch.equal(back.extra_weight_scale_second, qw.extras["weight_scale_second"])
+    assert torch.equal(back.extra_awq_input_scale, qw.extras["awq_input_scale"])
     assert torch.equal(logits(loaded), logits(model))
 
 

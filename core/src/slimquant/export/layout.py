@@ -20,7 +20,11 @@ Per quantized Linear `<name>` (a FakeQuantLinear):
   (meta `outliers`: k);
 - a pruned weight (`QuantizedWeight.sparsity`, meta `sparsity`: "unstructured" or "N:M") keeps its mask in its codes
   (pruned weights dequantize to 0) and its type gains msModelSlim's sparse suffix: W8A8 becomes W8A8S;
-- `<name>.<extra>`: every algorithm-specific tensor of QuantizedWeight.extras (e.g. weight_scale_second);
+- two-level scales (`QuantizedWeight.two_level`, msModelSlim W4A8_DYNAMIC per group; meta `channel_bits`):
+  `<name>.weight_scale` / `<name>.weight_offset` float32 [out, 1] (the channel level, offsets zero) and
+  `<name>.weight_scale_second` / `<name>.weight_offset_second` float32 [out, groups]; a code dequantizes to
+  weight * (weight_scale_second * weight_scale) of its group;
+- `<name>.<extra>`: every algorithm-specific tensor of QuantizedWeight.extras;
 - `<name>.bias`: the float bias, when the Linear has one;
 - static activations: `<name>.input_scale`, `<name>.input_offset` (float32, [1] per tensor or [in] per
   channel; x_q = round(x / input_scale) + input_offset), and when the integer kernel applies (per-tensor input
