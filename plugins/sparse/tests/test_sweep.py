@@ -89,3 +89,29 @@ def test_sparsegpt_beats_magnitude_on_a_calibrated_layer(pattern, bits, group):
 def test_no_sparsity_is_plain_quantization():
     qw = sparsegpt_quantize(random_weight(16, 256), H, SparseSettings(bits=8, sparsity=0.0))
     assert qw.sparsity is None and qw.outliers is None
+
+
+def test_sparsegpt_beats_magnitude_on_the_linears_of_a_tiny_calibrated_model():
+    from slimquant.testing import tiny_model, token_samples
+
+    model = tiny_model("llama")
+    linears = {n: m for n, m in model.model.layers[0].named_modules() if isinstance(m, torch.nn.Linear)}
+    inputs = {n: [] for n in linears}
+    def keep(name):
+        return lambda module, args, output: inputs[name].append(args[0].reshape(-1, args[0].shape[-1]))
+
+    handles = [m.register_forward_hook(keep(n)) for n, m in linears.items()]
+    with torch.no_grad():
+        for ids in token_samples(8, 32):
+            model(ids)
+    for handle in handles:
+        handle.remove()
+    s = SparseSettings(bits=8, sparsity=0.5)
+    errors = {}
+    for name, linear in linears.items():
+        x, w = torch.cat(inputs[name]), linear.weight.detach()
+        errors[name] = (output_error(x, w, sparsegpt_quantize(w, hessian_of(x), s)),
+                        output_error(x, w, magnitude_prune_quantize(w, s)))
+    print({name: round(ours / baseline, 3) for name, (ours, baseline) in errors.items()})
+    assert all(ours < baseline for ours, baseline in errors.values()), errors
+    assert sum(e[0] for e in errors.values()) < 0.9 * sum(e[1] for e in errors.values()), errors
