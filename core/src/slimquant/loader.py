@@ -226,7 +226,8 @@ def read_linear(files: QuantizedFiles, name: str, meta: LinearMeta
     bias = _bias(files, name, meta)
     try:
         qweight = QuantizedWeight(codes, scale, zero, meta.bits, meta.group_size or None, g_idx, extras, codebook,
-                                  stored, _outliers(files, name, meta), meta.sparsity)
+                                  stored, _outliers(files, name, meta), meta.sparsity,
+                                  codebook_name=meta.codebook_name if codebook is not None else None)
         if two is not None:
             qweight = replace(qweight, two_level=two)
         act = _act(files, name, meta)

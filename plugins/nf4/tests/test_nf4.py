@@ -2,7 +2,9 @@
 on disk, plan-time refusals."""
 
 import copy
+import json
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -168,12 +170,15 @@ def test_bytes_on_disk_are_half_a_byte_per_weight_plus_scales(double_quant, expe
     assert "0.weight_offset" not in layout.tensors and torch.equal(layout.tensors["0.weight_codebook"], NF4)
 
 
-def test_saved_double_quant_reloads_with_the_same_scales():
+def test_saved_double_quant_reloads_with_the_same_scales_and_names_its_codebook():
     model = tiny_model("llama")
     report = slimquant.quantize(model, recipe({"name": "nf4", "double_quant": True}))
     ids = token_samples(1, 16, seed=99)[0]
     with tempfile.TemporaryDirectory() as tmp:
         save_quantized(model, f"{tmp}/out", linear_types=report.linear_types())
+        description = json.loads(next(Path(tmp, "out").glob("quant_model_description*.json")).read_text())
+        linears = description["slimquant"]["linears"].values()
+        assert all(lin["codebook_name"] == "nf4" and lin["scale_block"] == 256 for lin in linears)
         reloaded = load_quantized(tiny_model("llama"), f"{tmp}/out")
         assert torch.equal(reloaded(ids).logits, model(ids).logits)
         for name, module in model.named_modules():

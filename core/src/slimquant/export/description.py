@@ -71,6 +71,7 @@ class LinearMeta(_Closed):
     act: ActMeta | None
     int_kernel: bool
     codebook: bool = False  # a non-uniform grid: weight_codebook holds the value of each code
+    codebook_name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")  # its name, e.g. "nf4" (optional)
     scale_block: int = Field(0, ge=0)  # > 0: weight_scale stored as int8 codes in blocks of this many (layout)
     channel_bits: int = Field(0, ge=0, le=8)  # > 0: two-level scales, weight_scale [out, 1] + weight_scale_second
     outliers: int = Field(0, ge=0)  # > 0: this many outliers in weight_outlier_index / weight_outlier_value

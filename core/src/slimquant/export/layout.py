@@ -10,6 +10,7 @@ Per quantized Linear `<name>` (a FakeQuantLinear):
 - `<name>.g_idx`: int32 [in], only when the input channels are not grouped contiguously;
 - `<name>.weight_codebook`: float32 [2^bits], only on a codebook grid (NF4): a code c dequantizes to
   weight_codebook[c + 2^(bits-1)] * weight_scale; such a grid has no zero point, so weight_offset is not written;
+  meta `codebook_name` names the codebook when its grid does ("nf4", "fp4");
   elsewhere zero points may be fractional;
 - scales stored quantized (`QuantizedScale`, bitsandbytes' double quantization; meta `scale_block` > 0):
   `<name>.weight_scale` is then int8 [out, groups], `<name>.weight_scale_scale` float32 [ceil(out * groups /
@@ -175,6 +176,8 @@ def _add_linear(layout: Layout, name: str, module: FakeQuantLinear, kind: str, p
     }
     if stored is not None:
         layout.linears[name]["scale_block"] = stored.block_size
+    if qw.codebook is not None and qw.codebook_name:
+        layout.linears[name]["codebook_name"] = qw.codebook_name
     if two is not None:
         layout.linears[name]["channel_bits"] = two.channel_bits
     if qw.outliers is not None:

@@ -32,6 +32,7 @@ class FakeQuantLinear(nn.Module):
         self.register_buffer("weight_zero", qweight.zero)
         self.register_buffer("g_idx", qweight.g_idx)
         self.register_buffer("codebook", qweight.codebook)
+        self.codebook_name = qweight.codebook_name
         stored = qweight.scale_quant
         self.scale_block_size = None if stored is None else stored.block_size
         self.register_buffer("scale_codes", None if stored is None else stored.codes)
@@ -64,7 +65,8 @@ class FakeQuantLinear(nn.Module):
         if self.channel_bits is not None:
             two = TwoLevelScale(self.weight_group_scale, self.weight_channel_scale, self.channel_bits)
         return QuantizedWeight(self.codes, self.weight_scale, self.weight_zero, self.bits, self.group_size,
-                               self.g_idx, extras, self.codebook, stored, self.outliers, self.sparsity, two)
+                               self.g_idx, extras, self.codebook, stored, self.outliers, self.sparsity, two,
+                               self.codebook_name)
 
     @property
     def outliers(self) -> WeightOutliers | None:

@@ -58,7 +58,8 @@ class WeightGrid:
         return QuantizedWeight(codes=codes.to(torch.int8), scale=scale.float(),
                                zero=None if zero is None else zero.float(), bits=self.bits, group_size=group_size,
                                g_idx=g_idx, codebook=None if self.codebook is None else self.codebook.clone(),
-                               scale_quant=scale_quant)
+                               scale_quant=scale_quant,
+                               codebook_name=None if self.codebook is None else getattr(self, "name", None))
 
     def round_to_nearest(self, w: torch.Tensor, group_size: int | None,
                          clip_ratio: torch.Tensor | float = 1.0) -> QuantizedWeight:

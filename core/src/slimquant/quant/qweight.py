@@ -119,6 +119,7 @@ class QuantizedWeight:
     outliers: WeightOutliers | None = None  # a sparse 16-bit residual added on dequantization
     sparsity: str | None = None  # the pattern the codes were pruned to: "unstructured" or "N:M" (zero codes are 0)
     two_level: TwoLevelScale | None = None  # scale = group_scale * channel_scale (W4A8_DYNAMIC, quant.two_level)
+    codebook_name: str | None = None  # what the codebook's grid calls it ("nf4", "fp4"), written to the description
 
     def __post_init__(self):
         out_features, in_features = self.codes.shape
@@ -190,4 +191,5 @@ class QuantizedWeight:
             scale_quant=None if self.scale_quant is None else self.scale_quant.to(device),
             outliers=None if self.outliers is None else self.outliers.to(device), sparsity=self.sparsity,
             two_level=None if self.two_level is None else self.two_level.to(device),
+            codebook_name=self.codebook_name,
         )
