@@ -60,6 +60,11 @@ quantized cache. Its ``check`` is called with a ``CachePlan`` (``slimquant.plugi
 model is loaded (``name``/``shape`` None), then per attention layer with the attention module's name and
 ``(kv_heads, head_dim)``.
 
+An exporter declares what it can hold beyond weights and activation scales, as data: ``holds_kv_cache: bool``
+(default False); a recipe with a ``kv_cache`` section saved in a format that cannot hold it is refused at plan time.
+Everything else an exporter cannot hold it refuses in ``check`` and again in ``export`` (an output converted with
+``slimquant export`` was never planned for it).
+
 Dispatch: the runtime calls each hook on the one plugin the plan chose for that call (the Linear's weight
 algorithm, its activation algorithm, the smoother whose turn it is, the exporter of that format), with keyword
 arguments only, through pluggy's subset callers. A plugin never sees another plugin's calls and needs no "is this

@@ -194,7 +194,12 @@ class AlgorithmPlan:
         if self.cache is None:
             return []
         problems = self.plugins.call(self.cache.algorithm, "check", plan=self.cache, name=name, shape=shape) or []
-        return [f"kv_cache ({self.cache.algorithm}): {p}" for p in problems]
+        problems = [f"kv_cache ({self.cache.algorithm}): {p}" for p in problems]
+        if name is None:
+            problems += [f"save_type {fmt}: this format cannot hold a quantized KV cache; leave out kv_cache or save "
+                         "in a format that holds one" for fmt, exporter in self.exporters.plugins.items()
+                         if not getattr(exporter, "holds_kv_cache", False)]
+        return problems
 
     def grid_for(self, weight_algorithm: str) -> str | None:
         """The grid provider of a Linear quantized by `weight_algorithm`: the recipe's, or the algorithm's own when

@@ -177,3 +177,18 @@ def test_export_command_converts_a_saved_output(tmp_path):
                                      "--output", str(tmp_path / "ct"), "--model", str(tmp_path / "float")])
     assert again.exit_code == 2
 
+
+
+def test_a_quantized_kv_cache_is_refused_before_and_at_export(tmp_path):
+    from slimquant.config.recipe import Recipe
+    from slimquant.errors import RecipeError
+    from slimquant.plugins import plan_algorithms
+
+    recipe = {"scheme": "W8A16", "kv_cache": {"bits": 8}, "runtime": {"progress": False}}
+    with pytest.raises(RecipeError, match="save_type compressed-tensors: this format cannot hold a quantized KV"):
+        plan_algorithms(Recipe.model_validate(recipe), formats=["compressed-tensors"])
+    model = tiny_model("llama")
+    quantize(model, recipe, samples=token_samples(2, 16))
+    with pytest.raises(OutputError, match="KV cache is quantized"):
+        save_quantized(model, tmp_path / "out", save_type=["compressed-tensors"])
+    assert not (tmp_path / "out").exists()

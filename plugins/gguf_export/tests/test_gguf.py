@@ -131,3 +131,19 @@ def test_float16_scales_make_q4_1_offsets_exact():
         if isinstance(module, FakeQuantLinear):
             m = module.weight_scale * (module.weight_zero + 8)
             assert torch.equal(m.half().float(), m)
+
+
+def test_a_quantized_kv_cache_is_refused_before_and_at_export(tmp_path):
+    from slimquant.config.recipe import Recipe
+    from slimquant.errors import RecipeError
+    from slimquant.plugins import plan_algorithms
+
+    recipe = {"weights": {**CASES["Q8_0"], "scale_dtype": "float16"}, "kv_cache": {"bits": 8},
+              "runtime": {"progress": False}}
+    with pytest.raises(RecipeError, match="save_type gguf: this format cannot hold a quantized KV cache"):
+        plan_algorithms(Recipe.model_validate(recipe), formats=["gguf"])
+    model = tiny_model("llama")
+    quantize(model, recipe, samples=token_samples(2, 16))
+    with pytest.raises(OutputError, match="KV cache is quantized"):
+        save_quantized(model, tmp_path / "out", save_type=["gguf"])
+    assert not (tmp_path / "out").exists()

@@ -20,6 +20,7 @@ class _AscendLayout:
     (QuantizationReport.linear_types(), checked against the model), pack_int4 (default True)."""
 
     name = ""
+    holds_kv_cache = True  # kv_cache_scale / kv_cache_offset
 
     def __init__(self, config: BaseModel | None = None):
         self.config = config

@@ -13,6 +13,7 @@ from torch import nn
 from slimquant.errors import OutputError
 from slimquant.hookspecs import hookimpl
 from slimquant.quant.fake_linear import FakeQuantLinear
+from slimquant.runtime import kv_attention
 from slimquant_compressed_tensors.checkpoint import (
     check_structure,
     float_tensors,
@@ -53,6 +54,9 @@ class CompressedTensorsExporter:
         specs = {n: spec_from_module(m) for n, m in fakes.items()}
         reference = reference_model(model)
         problems = check_structure(model, reference, fakes)
+        if kv_attention.quantizers(model):
+            problems.append("the model's KV cache is quantized (kv_cache); this exporter does not write "
+                            "compressed-tensors' kv_cache_scheme")
         for n, m in fakes.items():
             problems += spec_problems(specs[n], n, tuple(m.qweight.shape)) + weight_problems(n, m, dtype)
         if problems:

@@ -32,6 +32,8 @@ def plan_problems(plan, name: str | None, shape: tuple[int, int] | None) -> list
     w = plan.scheme.weights
     group = w.group_size if w.strategy == "group" else None
     problems = weight_problems(w.bits, w.symmetric, group, plan.scheme.activations is not None, name, shape)
+    if w.channel_bits:
+        problems.append("weights.channel_bits: two-level scales (W4A8_DYNAMIC per group) have no gguf block type")
     if w.scale_dtype != "float16":
         problems.append("weights.scale_dtype: gguf stores float16 scales; set scale_dtype: float16 so that the "
                         "quantized model uses exactly the scales the file holds")
@@ -49,6 +51,8 @@ def module_problems(name: str, module: FakeQuantLinear) -> list[str]:
         return problems
     if qw.codebook is not None:
         problems.append(f"{name}: weights on a codebook grid (NF4) have no gguf block type here")
+    if qw.two_level is not None:
+        problems.append(f"{name}: two-level scales (W4A8_DYNAMIC per group) have no gguf block type")
     if qw.outliers is not None:
         problems.append(f"{name}: 16-bit outliers (sparse fraction) have no gguf block type; gguf blocks are dense")
     if qw.zero is not None and not torch.equal(qw.zero, torch.round(qw.zero)):

@@ -14,6 +14,7 @@ from slimquant.errors import OutputError
 from slimquant.hookspecs import hookimpl
 from slimquant.quant.fake_linear import FakeQuantLinear
 from slimquant.quant.qweight import QuantizedWeight
+from slimquant.runtime import kv_attention
 from slimquant_gguf.blocks import Q4_0, Q4_1, Q8_0, encode_blocks
 from slimquant_gguf.checks import module_problems, plan_problems
 from slimquant_gguf.llama import ARCH, gguf_name, permute_rows, rope_heads, write_hyperparameters
@@ -25,6 +26,8 @@ FILE_TYPES = {Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0, Q4_1: gguf.LlamaFileType.MOS
 
 
 def _model_problems(model) -> list[str]:
+    if kv_attention.quantizers(model):
+        return ["the model's KV cache is quantized (kv_cache); gguf has no place for its scales"]
     config = model.config
     if config.model_type != ARCH:
         return [f"the model is a {config.model_type!r} model; the gguf exporter writes Llama-architecture models"]
