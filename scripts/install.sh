@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 constraints="${SLIMQUANT_CONSTRAINTS:-constraints.txt}"
-packages=(-e ./core)
+packages=(-e "./core[plots]")  # plots: matplotlib, for --plot reports
 for plugin in plugins/*/; do
     [ -f "$plugin/pyproject.toml" ] && packages+=(-e "./$plugin")
 done
