@@ -7,6 +7,7 @@ import logging
 import torch
 from torch import nn
 
+from slimquant.budget import resolve_budget
 from slimquant.calibration import build_samples, from_user_data
 from slimquant.config.recipe import Recipe
 from slimquant.errors import CalibrationError, RecipeError
@@ -25,7 +26,8 @@ def quantize(model: nn.Module, recipe: Recipe | dict, *, tokenizer=None, calib_d
     Calibration comes from `samples` (token tensors), else `calib_data` (texts or token tensors, the
     msModelSlim way), else the recipe's calibration source (which needs `tokenizer`). When no plugin needs data
     and none is given (no samples, no calib_data, no `calibration` in the recipe), the weights are quantized
-    straight away, data-free; errors against float are then not measured.
+    straight away, data-free; errors against float are then not measured. A recipe with a `budget` first measures
+    every Linear's sensitivity on the calibration data and chooses its width (`report.budget`).
     """
     return _run(model, recipe, tokenizer, calib_data, samples, smooth_only=False)
 
@@ -54,17 +56,27 @@ def _run(model, recipe, tokenizer, calib_data, samples, smooth_only: bool) -> Qu
     check_causal_lm(model)
     algorithms = plan_algorithms(recipe)  # validates every plugin argument before any work
     device = resolve_device(recipe.model.device)
+    budget = None
+    if recipe.budget is not None and not smooth_only:  # the widths are chosen before the runtime plans them
+        samples = _samples(model, recipe, tokenizer, calib_data, samples)
+        recipe, budget = resolve_budget(model, recipe, samples, algorithms)
+        algorithms = plan_algorithms(recipe)
     quantizer = LayerwiseQuantizer(model, recipe, device, algorithms, smooth_only=smooth_only)
-    if samples is None:
-        if calib_data is not None:
-            samples = from_user_data(calib_data, tokenizer, recipe.calibration.seqlen)
-        elif not quantizer.needs_data and "calibration" not in recipe.model_fields_set:
+    if budget is None:
+        if (samples is None and calib_data is None and not quantizer.needs_data
+                and "calibration" not in recipe.model_fields_set):
             return quantizer.run(None)  # data-free: nothing to calibrate, and no data given to measure errors on
-        else:
-            if tokenizer is None:
-                raise CalibrationError("give calibration `samples` or `calib_data`, or a tokenizer for the recipe's "
-                                       "source")
-            samples = build_samples(recipe.calibration, tokenizer, model)
-    else:
-        samples = from_user_data(samples, tokenizer)
-    return quantizer.run(samples)
+        samples = _samples(model, recipe, tokenizer, calib_data, samples)
+    report = quantizer.run(samples)
+    report.budget = budget
+    return report
+
+
+def _samples(model, recipe: Recipe, tokenizer, calib_data, samples) -> list[torch.Tensor]:
+    if samples is not None:
+        return from_user_data(samples, tokenizer)
+    if calib_data is not None:
+        return from_user_data(calib_data, tokenizer, recipe.calibration.seqlen)
+    if tokenizer is None:
+        raise CalibrationError("give calibration `samples` or `calib_data`, or a tokenizer for the recipe's source")
+    return build_samples(recipe.calibration, tokenizer, model)

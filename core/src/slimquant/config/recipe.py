@@ -9,6 +9,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from slimquant.config.budget import BudgetSpec
 from slimquant.config.kv_cache import KVCacheArgs
 from slimquant.config.scheme import PRESETS, ActArgs, PresetName, Scheme, WeightArgs
 from slimquant.errors import RecipeError
@@ -99,6 +100,8 @@ class Recipe(BaseModel):
     ignore: list[str] = Field(default_factory=list, description="Linears left in float (msModelSlim disable_names)")
     overrides: list[LayerOverride] = Field(default_factory=list)
     kv_cache: KVCacheArgs | None = Field(None, description="quantize the attention cache's keys and values")
+    budget: BudgetSpec | None = Field(None, description="mixed precision: a width per Linear chosen under a size "
+                                                        "budget (see slimquant.budget)")
     runtime: RuntimeSpec = RuntimeSpec()
 
     @field_validator("algorithms", mode="before")
@@ -123,6 +126,17 @@ class Recipe(BaseModel):
     def _has_a_scheme(self) -> Recipe:
         if self.scheme is None and self.weights is None:
             raise ValueError("give a `scheme` preset or explicit `weights` arguments")
+        return self
+
+    @model_validator(mode="after")
+    def _budget_chooses_the_weights(self) -> Recipe:
+        if self.budget is None:
+            return self
+        for i, override in enumerate(self.overrides):
+            if override.weights is not None or override.scheme is not None:
+                raise ValueError(f"overrides[{i}] sets weights or a scheme, but `budget` chooses every Linear's "
+                                 "weights; leave such a Linear out with `ignore`, or give the override only an "
+                                 "algorithm")
         return self
 
     def base_scheme(self) -> Scheme:

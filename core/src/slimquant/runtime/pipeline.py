@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -39,6 +40,9 @@ from slimquant.runtime.context import LayerContext, with_hidden
 from slimquant.runtime.linear_error import measure_linear_errors
 from slimquant.runtime.plan import LinearPlan, check_group_sizes, plan_linears
 
+if TYPE_CHECKING:
+    from slimquant.budget import BudgetReport
+
 log = logging.getLogger(__name__)
 
 
@@ -58,6 +62,7 @@ class QuantizationReport:
     linear_errors: dict[str, float] = field(default_factory=dict)  # relative output error per Linear
     seconds: float = 0.0
     data_free: bool = False
+    budget: BudgetReport | None = None  # what budget mode measured and chose, when the recipe had a budget
 
     def linear_types(self) -> dict[str, str]:
         return {n: ("FLOAT" if p is None else p.scheme.type_name) for n, p in self.plans.items()}
