@@ -27,3 +27,7 @@ class NonFiniteError(SlimquantError):
 
 class OutputError(SlimquantError):
     """An output path exists, is corrupt, or cannot be written."""
+
+
+class CheckpointError(SlimquantError):
+    """A resume checkpoint is corrupt, of another run, or in the way of a fresh run."""

@@ -85,6 +85,16 @@ class RuntimeSpec(BaseModel):
     error_samples: int = Field(4, gt=0, description="calibration samples on which layer errors are measured")
     batch_tokens: int = Field(2048, gt=0, description="tokens per calibration forward: samples of one length are "
                               "batched up to this many tokens (a sample longer than it runs alone)")
+    checkpoint_dir: str | None = Field(None, description="write a resume checkpoint here after each decoder layer "
+                                       "(see slimquant.runtime.checkpoint)")
+    resume: bool = Field(False, description="continue from the checkpoint in checkpoint_dir, if there is one")
+    keep_checkpoint: bool = Field(False, description="keep checkpoint_dir after a successful save")
+
+    @model_validator(mode="after")
+    def _resume_has_a_checkpoint(self) -> RuntimeSpec:
+        if self.resume and not self.checkpoint_dir:
+            raise ValueError("runtime.resume needs runtime.checkpoint_dir")
+        return self
 
 
 class Recipe(BaseModel):

@@ -25,6 +25,11 @@ def hidden_of(output) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
+def hidden_of_input(inp: LayerInput) -> torch.Tensor:
+    args, kwargs = inp
+    return args[0] if args else kwargs["hidden_states"]
+
+
 def with_hidden(inp: LayerInput, hidden: torch.Tensor) -> LayerInput:
     args, kwargs = inp
     if args:

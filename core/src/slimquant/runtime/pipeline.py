@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -17,7 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from slimquant.config.recipe import Recipe
-from slimquant.errors import CalibrationError, NonFiniteError, PluginError, RecipeError
+from slimquant.errors import CalibrationError, CheckpointError, NonFiniteError, PluginError, RecipeError
 from slimquant.model.checks import check_samples
 from slimquant.model.structure import (
     find_decoder_layers,
@@ -36,7 +37,9 @@ from slimquant.quant.two_level import two_level_grid
 from slimquant.runtime import kv_attention
 from slimquant.runtime.cache_pass import check_cache_plan, quantize_layer_cache
 from slimquant.runtime.catcher import catch_layer_inputs
-from slimquant.runtime.context import LayerContext, with_hidden
+from slimquant.runtime.checkpoint import Checkpoint
+from slimquant.runtime.context import LayerContext, hidden_of_input, with_hidden
+from slimquant.runtime.fingerprint import run_fingerprint
 from slimquant.runtime.linear_error import measure_linear_errors
 from slimquant.runtime.plan import LinearPlan, check_group_sizes, plan_linears
 
@@ -63,6 +66,8 @@ class QuantizationReport:
     seconds: float = 0.0
     data_free: bool = False
     budget: BudgetReport | None = None  # what budget mode measured and chose, when the recipe had a budget
+    checkpoint: Path | None = None  # the resume checkpoint to delete once the output is saved (remove_checkpoint)
+    resumed_layers: int = 0  # decoder layers restored from a checkpoint instead of quantized by this run
 
     def linear_types(self) -> dict[str, str]:
         return {n: ("FLOAT" if p is None else p.scheme.type_name) for n, p in self.plans.items()}
@@ -251,11 +256,18 @@ class LayerwiseQuantizer:
         check_samples(samples, self.model)
         report = QuantizationReport(plans=dict(self.plans))
         start = time.perf_counter()
+        checkpoint = self._open_checkpoint(samples, report)
         inputs = self._catch(samples)
+        if checkpoint is not None and checkpoint.finished:
+            inputs = [with_hidden(inp, h.to(hidden_of_input(inp).device))
+                      for inp, h in zip(inputs, self._resume(checkpoint, report), strict=True)]
         progress = self.recipe.runtime.progress
-        for index in tqdm(range(len(self.layers)), desc="layers", disable=not progress, leave=False):
+        for index in tqdm(range(len(report.layers), len(self.layers)), desc="layers", disable=not progress,
+                          leave=False):
             inputs, layer_report = self._run_layer(index, inputs, report.linear_errors)
             report.layers.append(layer_report)
+            if checkpoint is not None:
+                self._save_checkpoint(checkpoint, index, [hidden_of_input(i) for i in inputs], report)
             log.info("layer %d/%d: %.2fs, output error %.3e, %d quantized, %d float", index + 1,
                      len(self.layers), layer_report.seconds, layer_report.output_rel_error,
                      layer_report.quantized, layer_report.kept_float)
@@ -266,8 +278,11 @@ class LayerwiseQuantizer:
         """Every Linear quantized from its weight alone, layer by layer on the work device; nothing is run."""
         report = QuantizationReport(plans=dict(self.plans), data_free=True)
         start = time.perf_counter()
-        for index in tqdm(range(len(self.layers)), desc="layers", disable=not self.recipe.runtime.progress,
-                          leave=False):
+        checkpoint = self._open_checkpoint(None, report)
+        if checkpoint is not None and checkpoint.finished:
+            self._resume(checkpoint, report)
+        for index in tqdm(range(len(report.layers), len(self.layers)), desc="layers",
+                          disable=not self.recipe.runtime.progress, leave=False):
             started = time.perf_counter()
             layer = self.layers[index].to(self.device)
             prefix = f"{self.prefix}.{index}"
@@ -283,8 +298,43 @@ class LayerwiseQuantizer:
                 self.layers[index].to("cpu")
             report.layers.append(LayerReport(index, time.perf_counter() - started, 0.0, len(quantized),
                                              len(linears) - len(quantized)))
+            if checkpoint is not None:
+                self._save_checkpoint(checkpoint, index, None, report)
         report.seconds = time.perf_counter() - start
         return report
+
+    # -- resume checkpoints (slimquant.runtime.checkpoint) ---------------------------------------------------
+
+    def _open_checkpoint(self, samples, report: QuantizationReport) -> Checkpoint | None:
+        runtime = self.recipe.runtime
+        if runtime.checkpoint_dir is None:
+            return None
+        if self.algorithms.cache is not None:
+            raise CheckpointError("resume checkpoints do not hold a quantized attention cache yet: leave out "
+                                  "kv_cache or runtime.checkpoint_dir")
+        fingerprint = run_fingerprint(self.model, self.recipe, samples, self.algorithms)
+        checkpoint = Checkpoint.start(runtime.checkpoint_dir, fingerprint, len(self.layers), runtime.resume)
+        if not runtime.keep_checkpoint:
+            report.checkpoint = checkpoint.directory
+        return checkpoint
+
+    def _resume(self, checkpoint: Checkpoint, report: QuantizationReport) -> list[torch.Tensor] | None:
+        """Put back the layers an earlier run finished; return the hidden states that feed the next one."""
+        for index, entry in enumerate(checkpoint.finished):
+            checkpoint.restore_layer(index, self.layers[index])
+            if not self.recipe.runtime.offload_layers:
+                self.layers[index].to(self.device)
+            report.layers.append(LayerReport(**entry["report"]))
+            report.linear_errors.update(entry["linear_errors"])
+        report.resumed_layers = len(checkpoint.finished)
+        log.info("resumed from %s: %d of %d decoder layers were finished", checkpoint.directory,
+                 report.resumed_layers, len(self.layers))
+        return checkpoint.hidden()
+
+    def _save_checkpoint(self, checkpoint: Checkpoint, index: int, hidden, report: QuantizationReport) -> None:
+        prefix = f"{self.prefix}.{index}."
+        errors = {n: e for n, e in report.linear_errors.items() if n.startswith(prefix)}
+        checkpoint.save_layer(index, self.layers[index], hidden, asdict(report.layers[-1]), errors)
 
     def _catch(self, samples):
         if self.device.type != "cpu":  # everything but the decoder layers goes to the work device
