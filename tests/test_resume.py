@@ -180,3 +180,28 @@ def test_resume_without_a_checkpoint_starts_from_the_first_layer(tmp_path):
     report = slimquant.quantize(four_layer_llama(), recipe_with(RTN, tmp_path / "none", resume=True),
                                 samples=token_samples(4, 16))
     assert report.resumed_layers == 0 and len(report.layers) == LAYERS
+
+
+def test_cli_resume(tiny_model_dir, calib_text_file, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from slimquant.cli import app
+
+    def quantize(output, *extra):
+        args = ["quantize", "--model", tiny_model_dir, "--calib-file", calib_text_file, "--num-samples", 2,
+                "--seqlen", 16, "--kl-samples", 0, "--scheme", "W8A8", "-o", output, *extra]
+        return CliRunner().invoke(app, [str(a) for a in args])
+
+    assert quantize(tmp_path / "a").exit_code == 0
+    assert not (tmp_path / "a.checkpoint").exists()
+    with monkeypatch.context() as patch:
+        crash_after_layer(patch, 0)
+        crashed = quantize(tmp_path / "b")
+    assert crashed.exit_code == 1 and (tmp_path / "b.checkpoint" / "manifest.json").exists()
+    refused = quantize(tmp_path / "b")
+    assert refused.exit_code == 2 and "holds a checkpoint" in refused.output
+    resumed = quantize(tmp_path / "b", "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert not (tmp_path / "b.checkpoint").exists()
+    hashes = {d: {p.name: sha256_file(p) for p in sorted((tmp_path / d).iterdir())} for d in ("a", "b")}
+    assert hashes["a"] == hashes["b"]

@@ -95,6 +95,12 @@ def quantize_command(
     kl_samples: Annotated[Optional[int], typer.Option(
         help="self-generated samples for KL / top-1 (0 = skip; default 4, or 0 on a data-free run)")] = None,
     layer_report: Annotated[Optional[Path], typer.Option(help="write per-Linear errors (JSON) here")] = None,
+    plot: Annotated[Optional[Path], typer.Option(
+        help="write PNGs and report.html here: per-Linear errors, sensitivity (budget), bit map")] = None,
+    resume: Annotated[bool, typer.Option(help="continue a killed run from its checkpoint")] = False,
+    checkpoint_dir: Annotated[Optional[Path], typer.Option(
+        help="checkpoint after each decoder layer here (default with --output: <output>.checkpoint)")] = None,
+    keep_checkpoint: Annotated[bool, typer.Option(help="keep the checkpoint after a successful save")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log each layer")] = False,
 ) -> None:
     """Quantize a model: print the plan, calibrate and quantize layer by layer, save, report accuracy."""
@@ -107,7 +113,8 @@ def quantize_command(
             algorithms=algorithm, ignore=ignore, calib_file=calib_file, num_samples=num_samples, seqlen=seqlen,
             device=device, output=output, overwrite=overwrite, save_type=save_type,
             part_file_size=part_file_size, eval_text=eval_text, eval_windows=eval_windows,
-            eval_window=eval_window, kl_samples=kl_samples, layer_report=layer_report)
+            eval_window=eval_window, kl_samples=kl_samples, layer_report=layer_report, plot_dir=plot, resume=resume,
+            checkpoint_dir=checkpoint_dir, keep_checkpoint=keep_checkpoint)
         run_quantize_job(job, console)
     except typer.Exit:
         raise
@@ -130,6 +137,8 @@ def eval_command(
     kl_samples: Annotated[int, typer.Option(help="self-generated samples for KL / top-1 (0 = skip)")] = 4,
     layer_errors: Annotated[bool, typer.Option(help="per-Linear error table (LayerWiseQuantError)")] = False,
     report: Annotated[Optional[Path], typer.Option(help="write the results as JSON here")] = None,
+    plot: Annotated[Optional[Path], typer.Option(
+        help="write PNGs and report.html here: per-Linear errors by layer and the bit map (needs an output)")] = None,
     verify: Annotated[bool, typer.Option("--verify/--no-verify",
                                          help="check every weight file against its recorded sha256")] = True,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
@@ -144,7 +153,8 @@ def eval_command(
             raise FileNotFoundError(f"no saved output at {output}")
         job = EvalJob(output=output, model=ModelSpec(path=model), text=text, dataset=dataset,
                       dataset_config=dataset_config, split=split, window=window, windows=windows,
-                      kl_samples=kl_samples, layer_errors=layer_errors, report=report, verify=verify)
+                      kl_samples=kl_samples, layer_errors=layer_errors, report=report, verify=verify,
+                      plot_dir=plot)
         run_eval_job(job, console)
     except typer.Exit:
         raise

@@ -11,6 +11,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from slimquant.budget import resolve_budget
 from slimquant.calibration import build_samples, generate_samples, read_text
 from slimquant.config.recipe import Recipe
 from slimquant.errors import OutputError, RecipeError
@@ -20,7 +21,9 @@ from slimquant.eval.perplexity import perplexity
 from slimquant.export import check_save_args
 from slimquant.model.checks import check_sequence_length
 from slimquant.model.loading import check_tokenizer_files, load_config, load_model, load_tokenizer, resolve_device
+from slimquant.plots import write_report
 from slimquant.plugins import plan_algorithms
+from slimquant.runtime.checkpoint import remove_checkpoint
 from slimquant.runtime.pipeline import LayerwiseQuantizer, QuantizationReport
 
 KL_SEED_OFFSET = 1_000_003  # evaluation text must not be the calibration text
@@ -40,11 +43,16 @@ class QuantizeJob:
     eval_window: int = 2048
     kl_samples: int | None = None  # None: 4, or 0 on a data-free run
     layer_report: Path | None = None
+    plot_dir: Path | None = None  # PNGs and report.html: per-Linear errors, sensitivity (budget), bit map
 
     @classmethod
     def from_cli(cls, *, recipe, model, scheme, w_bits, group_size, w_sym, algorithms, ignore, calib_file,
-                 num_samples, seqlen, device, output, save_type, **rest) -> QuantizeJob:
+                 num_samples, seqlen, device, output, save_type, resume=False, checkpoint_dir=None,
+                 keep_checkpoint=False, **rest) -> QuantizeJob:
         data = Recipe.load(recipe).model_dump(exclude_unset=True) if recipe else {}
+        checkpoint = checkpoint_settings(data.get("runtime", {}), output, resume, checkpoint_dir, keep_checkpoint)
+        if checkpoint:
+            data["runtime"] = {**data.get("runtime", {}), **checkpoint}
         if model:
             data.setdefault("model", {})["path"] = model
         if device:
@@ -91,6 +99,21 @@ class QuantizeJob:
             read_text(calib.path)
 
 
+def checkpoint_settings(runtime: dict, output: Path | None, resume: bool, checkpoint_dir: Path | None,
+                        keep_checkpoint: bool) -> dict:
+    """The CLI checkpoints every run that saves: into --checkpoint-dir, the recipe's runtime.checkpoint_dir, or
+    `<output>.checkpoint` beside the output."""
+    directory = checkpoint_dir or runtime.get("checkpoint_dir") or (output and f"{output}.checkpoint")
+    settings = {"checkpoint_dir": str(directory)} if directory else {}
+    if resume:
+        if not directory:
+            raise RecipeError("--resume needs a checkpoint: give --output (or --checkpoint-dir)")
+        settings["resume"] = True
+    if keep_checkpoint:
+        settings["keep_checkpoint"] = True
+    return settings
+
+
 def _size_mb(report: QuantizationReport, model) -> tuple[float, float]:
     before = after = 0.0
     modules = dict(model.named_modules())
@@ -109,7 +132,7 @@ def _size_mb(report: QuantizationReport, model) -> tuple[float, float]:
 
 def is_data_free(recipe: Recipe, algorithms) -> bool:
     """No plugin needs calibration data and the recipe gives none: quantize from the weights alone."""
-    return (not algorithms.requires_calibration_data(algorithms.scheme_plans(recipe))
+    return (recipe.budget is None and not algorithms.requires_calibration_data(algorithms.scheme_plans(recipe))
             and "calibration" not in recipe.model_fields_set)
 
 
@@ -128,6 +151,9 @@ def _print_plan(console: Console, job: QuantizeJob, algorithms, data_free: bool)
     else:
         console.print(f"[bold]calibration[/]: {c.source} {c.num_samples} x {c.seqlen} tokens, seed {c.seed}")
     console.print(f"[bold]output[/]: {job.output or 'not saved'}")
+    if r.runtime.checkpoint_dir:
+        console.print(f"[bold]checkpoint[/]: {r.runtime.checkpoint_dir}"
+                      f"{' (resuming)' if r.runtime.resume else ''}")
     if r.model.trust_remote_code:
         console.print("[bold red]trust_remote_code[/]: on — the model folder's own Python code will run")
 
@@ -162,7 +188,6 @@ def run_quantize_job(job: QuantizeJob, console: Console) -> dict:
     with console.status("loading model"):
         model = load_model(recipe.model, config)
         tokenizer = load_tokenizer(recipe.model)
-    quantizer = LayerwiseQuantizer(model, recipe, device, algorithms)
     kl_count = job.kl_samples if job.kl_samples is not None else (0 if data_free else DEFAULT_KL_SAMPLES)
     results: dict = {}
     eval_ids = None
@@ -181,25 +206,44 @@ def run_quantize_job(job: QuantizeJob, console: Console) -> dict:
         with console.status(f"building calibration samples ({recipe.calibration.source})"):
             samples = build_samples(recipe.calibration, tokenizer, model)
     started = time.perf_counter()
-    report = quantizer.run(samples)
+    budget = None
+    if recipe.budget is not None:
+        with console.status(f"measuring each Linear's sensitivity ({recipe.budget.method})"):
+            recipe, budget = resolve_budget(model, recipe, samples, algorithms)
+        algorithms = plan_algorithms(recipe)
+    report = LayerwiseQuantizer(model, recipe, device, algorithms).run(samples)
+    report.budget = budget
     results["quantize_seconds"] = time.perf_counter() - started
     if job.output is not None:
         from slimquant.export import save_quantized
 
         save_quantized(model, job.output, save_type=job.save_type, part_file_size=job.part_file_size,
                        overwrite=job.overwrite, linear_types=report.linear_types(), tokenizer=tokenizer)
+    if report.checkpoint is not None:
+        remove_checkpoint(report.checkpoint)
     if eval_ids is not None:
         results["ppl_quantized"] = perplexity(model, eval_ids, job.eval_window, job.eval_windows)
     if kl_samples:
         d = divergence(reference, model, kl_samples)
         results.update(kl=d.kl, top1=d.top1, kl_tokens=d.tokens)
     results["size_mb_before"], results["size_mb_after"] = _size_mb(report, model)
+    if budget is not None:
+        results.update(budget_avg_bits=budget.budget_avg_bits, used_avg_bits=budget.avg_bits)
     _print_summary(console, report, results)
     if report.linear_errors:
         Console().print(errors_table(report.linear_errors, limit=10))
     if job.layer_report:
         save_errors(report.linear_errors, job.layer_report)
+    if job.plot_dir is not None:
+        page = write_report(job.plot_dir, linear_errors=report.linear_errors, bits=planned_bits(report),
+                            budget=report.budget, title="slimquant quantize")
+        console.print(f"plots: {page}")
     return results
+
+
+def planned_bits(report: QuantizationReport) -> dict[str, float]:
+    """Weight bits of every Linear the run planned; 16 for those left in float."""
+    return {n: 16 if p is None else p.scheme.weights.bits for n, p in report.plans.items()}
 
 
 def _print_summary(console: Console, report: QuantizationReport, results: dict) -> None:
@@ -216,6 +260,9 @@ def _print_summary(console: Console, report: QuantizationReport, results: dict) 
     if "kl" in results:
         summary.add_row("KL(float || quantized) per token", f"{results['kl']:.5f}")
         summary.add_row("top-1 agreement with float", f"{results['top1']:.2%}")
+    if "used_avg_bits" in results:
+        summary.add_row("budget: bits per weight used / allowed",
+                        f"{results['used_avg_bits']:.3f} / {results['budget_avg_bits']:.3f}")
     if "ppl_float" in results:
         ppl = f"{results['ppl_float']:.3f} -> {results['ppl_quantized']:.3f}"
         summary.add_row("perplexity float -> quantized", ppl)
