@@ -18,6 +18,8 @@ from slimquant.eval.layer_errors import errors_table, linear_errors, save_errors
 from slimquant.eval.perplexity import perplexity
 from slimquant.model.checks import check_sequence_length
 from slimquant.model.loading import check_tokenizer_files, load_config, load_model, load_tokenizer
+from slimquant.plots import write_report
+from slimquant.quant.fake_linear import FakeQuantLinear
 from slimquant.workflow import check_report_path
 
 EVAL_SEED = 1_000_003
@@ -38,6 +40,7 @@ class EvalJob:
     layer_errors: bool = False
     report: Path | None = None
     verify: bool = True  # check every weight file against the sha256 the description records
+    plot_dir: Path | None = None  # PNGs and report.html (per-Linear errors by layer, bit map); needs `output`
 
     def check(self) -> None:
         """The job's own arguments, checked before the model is loaded."""
@@ -52,6 +55,8 @@ class EvalJob:
             read_text(str(self.text), what="evaluation text file")
         if self.report is not None:
             check_report_path(self.report, "--report")
+        if self.plot_dir is not None and self.output is None:
+            raise RecipeError("--plot needs a saved output to plot (the float model has no per-Linear errors)")
 
 
 def _eval_ids(job: EvalJob, tokenizer):
@@ -86,22 +91,32 @@ def run_eval_job(job: EvalJob, console: Console) -> dict:
         results["ppl_float"] = perplexity(float_model, ids, job.window, job.windows)
         if quantized is not None:
             results["ppl_quantized"] = perplexity(quantized, ids, job.window, job.windows)
-    if quantized is not None and (job.kl_samples or job.layer_errors):
+    want_errors = job.layer_errors or job.plot_dir is not None
+    if quantized is not None and (job.kl_samples or want_errors):
         with console.status("writing evaluation text with the float model"):
             samples = generate_samples(float_model, tokenizer, max(job.kl_samples, 1), job.kl_seqlen, EVAL_SEED)
         if job.kl_samples:
             d = divergence(logits_of(float_model, samples), quantized, samples)
             results.update(kl=d.kl, top1=d.top1, kl_tokens=d.tokens)
-        if job.layer_errors:
+        if want_errors:
             errors = linear_errors(float_model, quantized, samples)
             results["linear_errors"] = errors
             Console().print(errors_table(errors))
             if job.report:
                 save_errors(errors, job.report.with_suffix(".layers.json"))
+    if job.plot_dir is not None and quantized is not None:
+        page = write_report(job.plot_dir, linear_errors=results.get("linear_errors"), bits=model_bits(quantized),
+                            title=f"slimquant eval {job.output}")
+        console.print(f"plots: {page}")
     _print(results)
     if job.report:
         job.report.write_text(json.dumps({k: v for k, v in results.items() if k != "linear_errors"}, indent=1))
     return results
+
+
+def model_bits(model) -> dict[str, float]:
+    """Weight bits of every fake-quantized Linear of a loaded output."""
+    return {n: m.bits for n, m in model.named_modules() if isinstance(m, FakeQuantLinear)}
 
 
 def _print(results: dict) -> None:
