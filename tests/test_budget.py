@@ -51,8 +51,8 @@ def test_budget_refuses_overrides_that_set_weights():
 def brute_force(costs, losses, budget):
     best = None
     for pick in itertools.product(*(range(len(c)) for c in costs)):
-        if sum(c[j] for c, j in zip(costs, pick)) <= budget:
-            loss = sum(v[j] for v, j in zip(losses, pick))
+        if sum(c[j] for c, j in zip(costs, pick, strict=True)) <= budget:
+            loss = sum(v[j] for v, j in zip(losses, pick, strict=True))
             best = loss if best is None else min(best, loss)
     return best
 
@@ -64,8 +64,9 @@ def test_knapsack_finds_the_optimum_of_small_instances(seed):
     losses = [[rng.random() for _ in range(3)] for _ in range(6)]
     budget = rng.randint(sum(min(c) for c in costs), sum(max(c) for c in costs))
     chosen = choose_options(costs, losses, budget)
-    assert sum(c[j] for c, j in zip(costs, chosen)) <= budget
-    assert sum(v[j] for v, j in zip(losses, chosen)) == pytest.approx(brute_force(costs, losses, budget))
+    assert sum(c[j] for c, j in zip(costs, chosen, strict=True)) <= budget
+    loss = sum(v[j] for v, j in zip(losses, chosen, strict=True))
+    assert loss == pytest.approx(brute_force(costs, losses, budget))
 
 
 def test_knapsack_on_a_coarse_grid_stays_within_budget():
@@ -74,7 +75,7 @@ def test_knapsack_on_a_coarse_grid_stays_within_budget():
     losses = [[rng.random() for _ in range(4)] for _ in range(40)]
     budget = sum(min(c) for c in costs) + 50_000
     chosen = choose_options(costs, losses, budget, max_units=100)  # 500-bit units: rounded, then topped up
-    assert sum(c[j] for c, j in zip(costs, chosen)) <= budget
+    assert sum(c[j] for c, j in zip(costs, chosen, strict=True)) <= budget
 
 
 def test_knapsack_refuses_a_budget_below_the_cheapest_choice():

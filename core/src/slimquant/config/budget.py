@@ -16,7 +16,8 @@ class BudgetSpec(BaseModel):
 
     avg_bits: float | None = Field(None, gt=0, description="average stored bits per weight, scales included")
     bytes: int | None = Field(None, gt=0, description="stored size of the quantized Linears' weights and scales")
-    candidates: list[WeightArgs] = Field(default_factory=list, validate_default=True, description="the weight arguments a Linear may get")
+    candidates: list[WeightArgs] = Field(default_factory=list, validate_default=True,
+                                         description="the weight arguments a Linear may get")
     method: Literal["proxy", "kl"] = Field(
         "proxy", description="proxy: input-Hessian error weighted by output gradients (one backward per sample); "
                              "kl: KL of the model output with only that Linear quantized (a forward per Linear and "

@@ -76,8 +76,11 @@ def bit_map(bits: dict[str, float]) -> bytes:
     axes.set_title("weight bits per Linear")
     figure.colorbar(image, ax=axes, label="bits")
     if len(layers) * len(kinds) <= 400:
+        low, high = image.get_clim()
         for r, row in enumerate(grid):
             for c, value in enumerate(row):
                 if not math.isnan(value):
-                    axes.text(c, r, f"{value:g}", ha="center", va="center", fontsize=6, color="white")
+                    light = value > (low + high) / 2  # viridis is light at the top
+                    axes.text(c, r, f"{value:g}", ha="center", va="center", fontsize=7,
+                              color="black" if light else "white")
     return _png(figure)
