@@ -24,8 +24,8 @@ BAD_INPUT, FAILURE = 2, 1
 INTERRUPTED = 130
 
 
-def _interrupted() -> None:
-    console.print("interrupted: nothing was written (an output directory appears whole or not at all)")
+def _interrupted(hint: str = "") -> None:
+    console.print("interrupted: nothing was written (an output directory appears whole or not at all)" + hint)
     raise typer.Exit(INTERRUPTED)
 
 
@@ -119,7 +119,7 @@ def quantize_command(
     except typer.Exit:
         raise
     except KeyboardInterrupt:
-        _interrupted()
+        _interrupted("; run the same command with --resume to continue from the last checkpointed layer")
     except Exception as exc:  # noqa: BLE001 - every failure becomes a one-line message and an exit code
         _fail(exc)
 
