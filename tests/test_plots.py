@@ -4,6 +4,7 @@ page embedding each of them; rendered headless by Chromium when it is installed.
 from __future__ import annotations
 
 import base64
+import json
 import re
 import shutil
 import subprocess
@@ -62,6 +63,8 @@ def test_quantize_plots_errors_sensitivity_and_bit_map(budget_run):
     assert "bits per weight used / allowed" in output
     page = check_page(tmp / "plots", ["linear_errors.png", "sensitivity.png", "bit_map.png"])
     assert "model.layers.1.mlp.down_proj" in page and "w4 g32 asym" in page
+    budget = json.loads((tmp / "plots" / "budget.json").read_text())
+    assert budget["used_bits"] <= budget["budget_bits"] and len(budget["linears"]) == 14
 
 
 def test_eval_plots_a_saved_output(budget_run, tiny_model_dir):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 from pathlib import Path
 
 from slimquant.errors import OutputError
@@ -56,8 +57,8 @@ def _budget_section(budget) -> tuple[str, bytes]:
 
 def write_report(directory: str | Path, *, linear_errors: dict[str, float] | None = None,
                  bits: dict[str, float] | None = None, budget=None, title: str = "slimquant report") -> Path:
-    """Writes linear_errors.png, sensitivity.png (with a budget report) and bit_map.png for what is given, and
-    report.html holding them all; returns the page's path."""
+    """Writes linear_errors.png, sensitivity.png and budget.json (with a budget report) and bit_map.png for what is
+    given, and report.html holding them all; returns the page's path."""
     directory = Path(directory)
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -73,6 +74,7 @@ def write_report(directory: str | Path, *, linear_errors: dict[str, float] | Non
     if budget is not None:
         body, png = _budget_section(budget)
         (directory / "sensitivity.png").write_bytes(png)
+        (directory / "budget.json").write_text(json.dumps(budget.to_dict(), indent=1))
         sections.append("<h2>Sensitivity per candidate</h2>" + _image("sensitivity.png", png, "sensitivity") + body)
     if bits:
         png = bit_map(bits)
