@@ -29,11 +29,13 @@ def _png(figure) -> bytes:
 def linear_errors_by_layer(errors: dict[str, float]) -> bytes:
     """Relative output error of each Linear against its decoder layer, one line per Linear kind, log scale."""
     figure = _figure(8, 4.5)
+    from matplotlib.ticker import MaxNLocator
     axes = figure.add_subplot()
     for kind in kinds_in_order(errors):
         points = sorted((layer_and_kind(n)[0], e) for n, e in errors.items() if layer_and_kind(n)[1] == kind)
         axes.plot([p[0] for p in points], [max(p[1], 1e-12) for p in points], marker="o", markersize=3, label=kind)
     axes.set_yscale("log")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_xlabel("decoder layer")
     axes.set_ylabel("||y_q - y||² / ||y||²")
     axes.set_title("per-Linear output error by layer")
