@@ -124,3 +124,10 @@ def test_budget_without_enough_room_is_refused():
     model = tiny_model("llama")
     with pytest.raises(RecipeError, match=r"budget.avg_bits=3.0 is below the smallest possible size.*4.000 bits"):
         slimquant.quantize(model, budget_recipe(avg_bits=3), samples=token_samples(2, 16))
+
+
+def test_budget_by_kl_measurement():
+    model = tiny_model("llama")
+    report = slimquant.quantize(model, budget_recipe(avg_bits=6, method="kl", samples=2), samples=token_samples(4, 16))
+    assert report.budget.method == "kl" and report.budget.used_bits <= report.budget.budget_bits
+    assert all(c.sensitivity[0] > c.sensitivity[2] for c in report.budget.linears)  # 2 bits hurt more than 8
