@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from conftest import build_tokenizer
 from tiny_models import VOCAB, tiny_model, token_samples
+from tiny_tokenizer import build_tokenizer
 from typer.testing import CliRunner
 
 import slimquant

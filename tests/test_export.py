@@ -183,7 +183,7 @@ def test_numpy_files_load_without_pickle_and_match_safetensors(float_model, tmp_
 
 
 def test_tokenizer_is_saved_alongside(float_model, tmp_path):
-    from conftest import build_tokenizer
+    from tiny_tokenizer import build_tokenizer
 
     _, out = saved(float_model, "W8A8_DYNAMIC", tmp_path, tokenizer=build_tokenizer())
     assert (out / "tokenizer.json").is_file()
