@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from slimquant.config.scheme import Strategy
 from slimquant.hookspecs import hookimpl
-from slimquant.quant.hessian import HessianAccumulator
+from slimquant.quant.hessian import accumulate_shared
 from slimquant.quant.math import quantize_weight_with, round_to_nearest, search_clip_ratio
 from slimquant.quant.qweight import QuantizedWeight
 from slimquant_gptq.gptq import GPTQSettings, gptq_quantize, group_qparams
@@ -53,16 +53,7 @@ class GPTQPlugin:
 
     @hookimpl
     def observe(self, ctx, name, module, inputs, output):
-        state = ctx.state(self.name)
-        last = state.get("last input")
-        if last is not None and last[0] is inputs:  # q/k/v (gate/up) read one tensor: one Hessian serves them all
-            state.setdefault(name, last[1])
-            if state[name] is last[1]:
-                return
-        if name not in state:
-            state[name] = HessianAccumulator(module.in_features, device=inputs.device)
-        state[name].add(inputs)
-        state["last input"] = (inputs, state[name])
+        accumulate_shared(ctx.state(self.name), name, module.in_features, inputs)
 
     @hookimpl
     def quantize_weight(self, ctx, name, module, args):

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from slimquant.config.scheme import Strategy
 from slimquant.hookspecs import hookimpl
-from slimquant.quant.hessian import HessianAccumulator
+from slimquant.quant.hessian import accumulate_shared
 from slimquant_sparse.magnitude import magnitude_prune_quantize
 from slimquant_sparse.settings import SparseSettings
 from slimquant_sparse.sparsegpt import sparsegpt_quantize
@@ -74,16 +74,7 @@ class SparsePlugin:
 
     @hookimpl
     def observe(self, ctx, name, module, inputs, output):
-        state = ctx.state(self.name)
-        last = state.get("last input")
-        if last is not None and last[0] is inputs:  # q/k/v (gate/up) read one tensor: one Hessian serves them all
-            state.setdefault(name, last[1])
-            if state[name] is last[1]:
-                return
-        if name not in state:
-            state[name] = HessianAccumulator(module.in_features, device=inputs.device)
-        state[name].add(inputs)
-        state["last input"] = (inputs, state[name])
+        accumulate_shared(ctx.state(self.name), name, module.in_features, inputs)
 
     def settings(self, args) -> SparseSettings:
         c = self.config
