@@ -28,6 +28,11 @@ A plugin is a class with:
       Whether the quantize-phase observation pass must show this plugin the inputs of a Linear with that
       ``LinearPlan``. A plugin with an ``observe`` hook and no ``observes`` method observes every Linear whose
       plan names it.
+  ``observes_output: bool`` (default True)
+      False when the plugin's ``observe`` never reads ``output``: it is then called before the Linear runs, with
+      ``output`` None, and an observation pass stops before computing the last Linear it needs (a Llama layer's
+      down_proj) instead of after it. The runtime does so for a Linear only when every plugin observing it declares
+      False.
   ``accepts_weight_grid: bool`` (default False)
       True when the plugin's ``quantize_weight`` rounds onto the grid another plugin provides (``ctx.grid(name)``,
       see ``weight_grid`` below) instead of always onto the uniform one: minmax and gptq do.
@@ -110,7 +115,8 @@ def check(plan, name: str | None, shape: tuple[int, int] | None) -> list[str] | 
 @hookspec
 def observe(ctx, name: str, module, inputs, output) -> None:
     """Called on each calibration batch for a Linear of the current decoder layer, with the Linear's input tensor
-    ``inputs`` (``[..., in_features]``) and its output.
+    ``inputs`` (``[..., in_features]``) and its output (None, before the Linear runs, for plugins that declare
+    ``observes_output = False``).
 
     In a smoothing pass (``ctx.phase == "smooth"``) only the smoother whose turn it is observes, every quantized
     Linear of the layer. In the quantize pass (``ctx.phase == "quantize"``) the plugins named by that Linear's plan

@@ -107,6 +107,10 @@ def is_sequential(plugin) -> bool:
     return bool(getattr(plugin, "sequential", False))
 
 
+def observes_output(plugin) -> bool:
+    return bool(getattr(plugin, "observes_output", True))
+
+
 def accepts_weight_grid(plugin_or_class) -> bool:
     return bool(getattr(plugin_or_class, "accepts_weight_grid", False))
 
@@ -241,6 +245,10 @@ class AlgorithmPlan:
         """The plugins that observe a Linear with this plan in the quantize pass."""
         names = dict.fromkeys([plan.weight_algorithm, plan.act_algorithm])
         return [n for n in names if observes(self.plugins.get(n), plan)]
+
+    def observe_before_run(self, observers: list[str]) -> bool:
+        """Whether every one of these observing plugins does without the Linear's output (see ``observes_output``)."""
+        return not any(observes_output(self.plugins.get(n)) for n in observers)
 
     def check(self, plan, name: str | None = None, shape: tuple[int, int] | None = None) -> list[str]:
         act = [plan.act_algorithm] if plan.scheme.activations else []

@@ -40,6 +40,7 @@ class MinMaxPlugin:
     name = "minmax"
     Config = MinMaxConfig
     requires_calibration_data = False  # weights need none; static activation ranges come from `observes`
+    observes_output = False  # observe reads the Linear's input only
     accepts_weight_grid = True  # rounds onto another plugin's grid (ctx.grid) when the plan has one
     aliases = {"msmodelslim.w_method": "MinMax"}
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from slimquant.quant.math import EPS, dequantize, group_minmax, quantize, weight_qparams
+from slimquant.quant.math import EPS, contiguous_group_minmax, dequantize, group_minmax, quantize, weight_qparams
 from slimquant.quant.qweight import QuantizedScale, QuantizedWeight, contiguous_g_idx, num_groups, qrange
 
 
@@ -94,8 +94,9 @@ class CodebookGrid(WeightGrid):
     def qparams(self, w, group_size, g_idx=None, clip_ratio=1.0):
         w = w.float()
         if g_idx is None:
-            g_idx = contiguous_g_idx(w.shape[1], group_size, w.device)
-        xmin, xmax = group_minmax(w, g_idx, num_groups(w.shape[1], group_size))
+            xmin, xmax = contiguous_group_minmax(w, group_size)
+        else:
+            xmin, xmax = group_minmax(w, g_idx, num_groups(w.shape[1], group_size))
         absmax = torch.maximum(xmin.abs(), xmax.abs()) * clip_ratio
         return absmax.clamp_min(EPS), None
 

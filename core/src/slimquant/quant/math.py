@@ -54,6 +54,19 @@ def group_minmax(w: torch.Tensor, g_idx: torch.Tensor, groups: int) -> tuple[tor
     return xmin, xmax
 
 
+def contiguous_group_minmax(w: torch.Tensor, group_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per (row, group) min and max for groups of `group_size` consecutive columns (the last may be shorter): a view,
+    not a scatter. A shorter last group is padded with copies of its first column, which change no min or max."""
+    rows, cols = w.shape
+    size = group_size or cols
+    groups = num_groups(cols, group_size)
+    if groups * size != cols:
+        first = (groups - 1) * size
+        w = torch.cat([w, w[:, first:first + 1].expand(rows, groups * size - cols)], dim=1)
+    grouped = w.reshape(rows, groups, size)
+    return grouped.amin(-1), grouped.amax(-1)
+
+
 def expand_groups(t: torch.Tensor | None, g_idx: torch.Tensor) -> torch.Tensor | None:
     return None if t is None else t[:, g_idx.long()]
 
@@ -69,9 +82,9 @@ def weight_qparams(
     """Min-max scales per output channel and group, optionally shrunk by `clip_ratio` ([rows, groups] or scalar)."""
     w = w.float()
     if g_idx is None:
-        g_idx = contiguous_g_idx(w.shape[1], group_size, w.device)
-    groups = num_groups(w.shape[1], group_size)
-    xmin, xmax = group_minmax(w, g_idx, groups)
+        xmin, xmax = contiguous_group_minmax(w, group_size)
+    else:
+        xmin, xmax = group_minmax(w, g_idx, num_groups(w.shape[1], group_size))
     return range_to_qparams(xmin * clip_ratio, xmax * clip_ratio, bits, symmetric)
 
 
@@ -83,8 +96,15 @@ def quantize_weight_with(
     group_size: int | None,
     g_idx: torch.Tensor | None = None,
 ) -> QuantizedWeight:
-    idx = g_idx if g_idx is not None else contiguous_g_idx(w.shape[1], group_size, w.device)
-    codes = quantize(w.float(), expand_groups(scale, idx), expand_groups(zero, idx), bits)
+    rows, cols = w.shape
+    size = group_size or cols
+    if g_idx is None and cols % size == 0:  # equal contiguous groups: broadcast over a view, no gather
+        view = w.float().reshape(rows, cols // size, size)
+        codes = quantize(view, scale.unsqueeze(-1), None if zero is None else zero.unsqueeze(-1), bits)
+        codes = codes.reshape(rows, cols)
+    else:
+        idx = g_idx if g_idx is not None else contiguous_g_idx(cols, group_size, w.device)
+        codes = quantize(w.float(), expand_groups(scale, idx), expand_groups(zero, idx), bits)
     return QuantizedWeight(
         codes=codes.to(torch.int8), scale=scale.float(), zero=None if zero is None else zero.float(),
         bits=bits, group_size=group_size, g_idx=g_idx,

@@ -166,21 +166,32 @@ class LayerwiseQuantizer:
         the layer stops as soon as every target has seen its input: observing q/k/v needs neither attention nor MLP."""
         pending: set[str] = set()
 
-        def make_hook(name, observers):
-            def hook(module, inputs, output):
-                x = inputs[0]
-                if self.check_finite:
-                    _check_finite(x, f"input activation of {name}")
-                for plugin in observers:
-                    self.plugins.call(plugin, "observe", ctx=ctx, name=name, module=module, inputs=x, output=output)
-                if pending:
-                    pending.discard(name)
-                    if not pending:
-                        raise _AllObserved
-            return hook
+        def observe(name, observers, module, x, output):
+            if self.check_finite:
+                _check_finite(x, f"input activation of {name}")
+            for plugin in observers:
+                self.plugins.call(plugin, "observe", ctx=ctx, name=name, module=module, inputs=x, output=output)
+            if pending:
+                pending.discard(name)
+                if not pending:
+                    raise _AllObserved
 
-        handles = [ctx.module(name).register_forward_hook(make_hook(name, observers))
-                   for name, observers in targets.items() if observers]
+        def hook(name, observers):
+            return lambda module, inputs, output: observe(name, observers, module, inputs[0], output)
+
+        def pre_hook(name, observers):  # observers that do without the output: the Linear need not run
+            return lambda module, args, kwargs: observe(name, observers, module,
+                                                        args[0] if args else next(iter(kwargs.values())), None)
+
+        handles = []
+        for name, observers in targets.items():
+            if not observers:
+                continue
+            module = ctx.module(name)
+            if self.algorithms.observe_before_run(observers):
+                handles.append(module.register_forward_pre_hook(pre_hook(name, observers), with_kwargs=True))
+            else:
+                handles.append(module.register_forward_hook(hook(name, observers)))
         outs = []
         try:
             with materialized_weights(ctx.layer):

@@ -72,6 +72,7 @@ class AWQPlugin:
     name = "awq"
     Config = AWQConfig
     requires_calibration_data = True
+    observes_output = False  # observe reads the Linear's input only
     aliases = {"msmodelslim.w_method": "AWQ", "msmodelslim.anti_method": "m3"}
 
     def __init__(self, config: AWQConfig):
@@ -180,21 +181,40 @@ class AWQPlugin:
         def grouped(t: torch.Tensor) -> torch.Tensor:
             return torch.nn.functional.pad(t, (0, pad)).view(t.shape[0], groups, group)
 
-        wg, xg = grouped(w), grouped(x)
-        reference = torch.einsum("ngk,ogk->nog", xg, wg)
+        wg = grouped(w)
+        output_error = _group_output_error(grouped(x))
         org_max = wg.abs().amax(-1, keepdim=True)
-        best_err = torch.full((w.shape[0], groups), float("inf"))
+        best_err = torch.full((w.shape[0], groups), float("inf"), device=w.device)
         best_max = org_max.clone()
         for step in range(int(self.config.max_shrink * self.config.n_grid)):
             max_val = org_max * (1 - step / self.config.n_grid)
             clipped = torch.clamp(wg, -max_val, max_val).reshape(w.shape[0], -1)[:, :cols]
-            q = grouped(fake_quantize_weight(clipped, args))
-            err = (torch.einsum("ngk,ogk->nog", xg, q) - reference).pow(2).mean(0)
+            err = output_error(grouped(fake_quantize_weight(clipped, args)) - wg)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best_max = torch.where(better.unsqueeze(-1), max_val, best_max)
         clipped = torch.clamp(wg, -best_max, best_max).reshape(w.shape[0], -1)[:, :cols]
         linear.weight.data.copy_(clipped.to(linear.weight.dtype))
+
+
+def _group_output_error(xg: torch.Tensor):
+    """For inputs xg [tokens, groups, k], a function of a weight change d [rows, groups, k] giving, per row and group,
+    the mean over tokens of (x_g . d_g)^2: the squared error that group adds to the Linear's output. With groups no
+    longer than the tokens it is the quadratic form d_g^T (X_g^T X_g / n) d_g, which never builds the
+    [tokens, rows, groups] products."""
+    tokens, groups, k = xg.shape
+    if k <= tokens:
+        gram = torch.einsum("ngk,ngl->gkl", xg, xg) / tokens
+
+        def error(d: torch.Tensor) -> torch.Tensor:
+            dg = d.transpose(0, 1)  # [groups, rows, k]
+            return (torch.bmm(dg, gram) * dg).sum(-1).t()
+    else:
+        xt = xg.transpose(0, 1)  # [groups, tokens, k]
+
+        def error(d: torch.Tensor) -> torch.Tensor:
+            return torch.bmm(xt, d.permute(1, 2, 0)).pow_(2).mean(1).t()
+    return error
 
 
 def _token_sample(inputs, tokens: int):

@@ -35,6 +35,7 @@ class GPTQPlugin:
     name = "gptq"
     Config = GPTQConfig
     requires_calibration_data = True  # the Hessian of each Linear's inputs
+    observes_output = False  # observe reads the Linear's input only
     accepts_weight_grid = True  # [nf4, gptq]: GPTQ's error feedback onto the plan's grid (ctx.grid)
     aliases = {"msmodelslim.w_method": "GPTQ"}
 

@@ -74,6 +74,7 @@ class PieceWiseSearchPlugin:
     name = "piecewise"
     Config = PieceWiseConfig
     requires_calibration_data = True  # its scales come from activation ranges
+    observes_output = False  # observe reads the Linear's input only
     aliases = {"paddleslim": "PieceWiseSearch"}
 
     def __init__(self, config: PieceWiseConfig):

@@ -38,6 +38,7 @@ class ShiftPlugin:
     name = "shift"
     Config = ShiftConfig
     requires_calibration_data = True  # its scales come from activation ranges
+    observes_output = False  # observe reads the Linear's input only
     aliases = {"msmodelslim.anti_method": "m2", "paddleslim": "Shift"}
 
     def __init__(self, config: ShiftConfig):

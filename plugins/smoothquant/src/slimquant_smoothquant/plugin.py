@@ -37,6 +37,7 @@ class SmoothQuantPlugin:
     name = "smoothquant"
     Config = SmoothQuantConfig
     requires_calibration_data = True  # its scales come from activation ranges
+    observes_output = False  # observe reads the Linear's input only
     aliases = {"msmodelslim.anti_method": "m1", "paddleslim": "Smooth"}
 
     def __init__(self, config: SmoothQuantConfig):

@@ -53,6 +53,7 @@ class SparsePlugin:
     name = "sparse"
     Config = SparseConfig
     requires_calibration_data = True  # SparseGPT's Hessians (magnitude needs none: see __init__)
+    observes_output = False  # observe reads the Linear's input only
     aliases = {"msmodelslim.sparse": "co_sparse"}
 
     def __init__(self, config: SparseConfig):
