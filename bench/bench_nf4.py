@@ -23,6 +23,8 @@ CASES: dict[str, dict] = {
     "NF4 block64 double-quant": {"weights": WEIGHTS, "algorithms": [{"name": "nf4", "double_quant": True}],
                                  "data_free": True},
     "NF4 block64 + gptq": {"weights": WEIGHTS, "algorithms": ["nf4", "gptq"]},
+    "RTN W4 g64 data-free (speed reference)": {"weights": {**WEIGHTS, "symmetric": True}, "algorithms": ["minmax"],
+                                               "data_free": True},
 }
 
 

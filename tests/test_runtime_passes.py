@@ -59,3 +59,24 @@ def test_observation_stops_once_the_group_has_seen_its_inputs():
     # before down_proj), the down pass and the quantized pass; the q/k/v and o passes stop before it
     recipe = {"scheme": "W4A16", "algorithms": [{"name": "gptq", "true_sequential": True}]}
     assert layer_calls(recipe, "mlp") == 1 + ERROR_SAMPLES + 3 * SAMPLES
+
+
+def down_proj_runs(recipe: dict) -> int:
+    """How many calibration samples layer 1's float down_proj computes an output for."""
+    model = tiny_model("llama")
+    runs = []
+    model.model.layers[1].mlp.down_proj.register_forward_hook(lambda module, args, out: runs.append(out.shape[0]))
+    runtime = {"progress": False, "error_samples": ERROR_SAMPLES, "batch_tokens": 8}  # one sample per batch
+    slimquant.quantize(model, {**recipe, "model": {"device": "cpu"}, "runtime": runtime},
+                       samples=token_samples(SAMPLES, 8))
+    return sum(runs)
+
+
+def test_an_observer_without_need_of_the_output_spares_the_last_linear(monkeypatch):
+    gptq = pytest.importorskip("slimquant_gptq.plugin")
+    recipe = {"scheme": "W4A16", "algorithms": ["gptq"]}
+    # gptq declares observes_output = False: in the observation pass down_proj runs only where the layer's float
+    # output is kept (the error samples); the per-Linear error measurement runs it once more on those
+    assert down_proj_runs(recipe) == ERROR_SAMPLES + ERROR_SAMPLES
+    monkeypatch.setattr(gptq.GPTQPlugin, "observes_output", True)
+    assert down_proj_runs(recipe) == SAMPLES + ERROR_SAMPLES
