@@ -57,6 +57,9 @@ EXTRA: dict[str, dict] = {  # where W4A8's distance to W4A16 comes from: symmetr
     "W4A16 g64 GPTQ two-level (W4A8's weights, float activations)": {"weights": G64_TWO_LEVEL,
                                                                      "algorithms": ["gptq"]},
     "W4A8 dynamic g64 RTN": {"scheme": "W4A8_DYNAMIC", "weights": G64_TWO_LEVEL, "algorithms": ["minmax"]},
+    **{f"W4A8 dynamic g64 smoothquant a{a} + GPTQ": {
+        "scheme": "W4A8_DYNAMIC", "weights": G64_TWO_LEVEL,
+        "algorithms": [{"name": "smoothquant", "alpha": a, "smooth_all_linears": True}, "gptq"]} for a in (0.3, 0.5)},
 }
 ALL = {**CASES, **EXTRA}
 

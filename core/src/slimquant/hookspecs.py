@@ -36,6 +36,11 @@ A plugin is a class with:
   ``accepts_weight_grid: bool`` (default False)
       True when the plugin's ``quantize_weight`` rounds onto the grid another plugin provides (``ctx.grid(name)``,
       see ``weight_grid`` below) instead of always onto the uniform one: minmax and gptq do.
+  ``permutes_groups: bool`` (default False)
+      True when the plugin's ``quantize_weight`` may return group-quantized weights whose groups are permuted over
+      the input channels (``QuantizedWeight.g_idx``: GPTQ's act order with groups formed during the sweep). The
+      runtime records it in ``LinearPlan.permuted_groups`` (for group strategies), so that an exporter's ``check``
+      can refuse, before any model is loaded, a format that holds contiguous groups only (gguf).
   ``aliases: dict[str, str]`` (default empty)
       The names other tools give this algorithm, for slimquant's compatibility APIs: keys
       ``"msmodelslim.w_method"``, ``"msmodelslim.anti_method"``, ``"msmodelslim.sparse"`` (value ``"co_sparse"``:

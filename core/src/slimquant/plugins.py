@@ -16,6 +16,7 @@ from pydantic import BaseModel, ValidationError
 from slimquant import hookspecs
 from slimquant.config.kv_cache import KVCacheArgs
 from slimquant.config.recipe import Recipe, format_validation_error
+from slimquant.config.scheme import Strategy
 from slimquant.errors import PluginError, RecipeError
 
 ALGORITHMS = "slimquant.plugins"
@@ -109,6 +110,10 @@ def is_sequential(plugin) -> bool:
 
 def observes_output(plugin) -> bool:
     return bool(getattr(plugin, "observes_output", True))
+
+
+def permutes_groups(plugin) -> bool:
+    return bool(getattr(plugin, "permutes_groups", False))
 
 
 def accepts_weight_grid(plugin_or_class) -> bool:
@@ -225,16 +230,20 @@ class AlgorithmPlan:
                 return True
         return False
 
+    def linear_plan(self, scheme, weight_algorithm: str):
+        from slimquant.runtime.plan import LinearPlan
+
+        permuted = scheme.weights.strategy == Strategy.GROUP and permutes_groups(self.plugins.get(weight_algorithm))
+        return LinearPlan(scheme, weight_algorithm, self.act_algorithm, self.grid_for(weight_algorithm), permuted)
+
     def scheme_plans(self, recipe: Recipe) -> list:
         """One LinearPlan per scheme of the recipe (the base and each override), before any model is known."""
-        from slimquant.runtime.plan import LinearPlan, override_scheme
+        from slimquant.runtime.plan import override_scheme
 
         base = recipe.base_scheme()
-        plans = [LinearPlan(base, self.weight_algorithm, self.act_algorithm, self.grid_for(self.weight_algorithm))]
+        plans = [self.linear_plan(base, self.weight_algorithm)]
         for override in recipe.overrides:
-            algorithm = override.algorithm or self.weight_algorithm
-            plans.append(LinearPlan(override_scheme(base, override), algorithm, self.act_algorithm,
-                                    self.grid_for(algorithm)))
+            plans.append(self.linear_plan(override_scheme(base, override), override.algorithm or self.weight_algorithm))
         return plans
 
     def sequential(self, plans) -> bool:

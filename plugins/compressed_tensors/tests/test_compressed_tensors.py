@@ -192,3 +192,16 @@ def test_a_quantized_kv_cache_is_refused_before_and_at_export(tmp_path):
     with pytest.raises(OutputError, match="KV cache is quantized"):
         save_quantized(model, tmp_path / "out", save_type=["compressed-tensors"])
     assert not (tmp_path / "out").exists()
+
+
+def test_gptq_scales_cut_from_stacked_linears_are_saved(tmp_path):
+    """GPTQ quantizes q/k/v (and gate/up) stacked: their scales are views of one tensor, which safetensors refuses
+    to write as such."""
+    model = tiny_model("llama")
+    quantize(model, {"weights": {"bits": 4, "symmetric": False, "group_size": 32}, "algorithms": ["gptq"],
+                     "runtime": {"progress": False}}, samples=token_samples(4, 16))
+    q, k = (model.get_submodule(f"model.layers.0.self_attn.{p}").qweight.scale for p in ("q_proj", "k_proj"))
+    assert q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr()
+    save_quantized(model, tmp_path / "out", save_type=["compressed-tensors"])
+    _, logits = load(tmp_path / "out")
+    assert torch.allclose(logits, model(IDS).logits, atol=1e-5, rtol=0)

@@ -147,3 +147,17 @@ def test_a_quantized_kv_cache_is_refused_before_and_at_export(tmp_path):
     with pytest.raises(OutputError, match="KV cache is quantized"):
         save_quantized(model, tmp_path / "out", save_type=["gguf"])
     assert not (tmp_path / "out").exists()
+
+
+def test_permuted_groups_are_refused_before_quantizing():
+    from slimquant.config.recipe import Recipe
+    from slimquant.errors import RecipeError
+    from slimquant.plugins import plan_algorithms
+
+    weights = {"bits": 4, "symmetric": True, "group_size": 32, "scale_dtype": "float16"}
+    with pytest.raises(RecipeError, match="gptq: permutes the groups over the input channels"):
+        plan_algorithms(Recipe.model_validate({"weights": weights, "algorithms": ["gptq"]}), formats=["gguf"])
+    for gptq in ({"name": "gptq", "static_groups": True}, {"name": "gptq", "act_order": False}):
+        plan_algorithms(Recipe.model_validate({"weights": weights, "algorithms": [gptq]}), formats=["gguf"])
+    per_channel = {**weights, "group_size": None}
+    plan_algorithms(Recipe.model_validate({"weights": per_channel, "algorithms": ["gptq"]}), formats=["gguf"])

@@ -17,6 +17,7 @@ class LinearPlan:
     weight_algorithm: str
     act_algorithm: str
     grid_algorithm: str | None = None  # the plugin whose weight_grid the codes are rounded onto (None: uniform)
+    permuted_groups: bool = False  # the weight algorithm may permute the groups (g_idx): see hookspecs' permutes_groups
 
 
 def name_matches(pattern: str, name: str) -> bool:
@@ -67,7 +68,7 @@ def plan_linears(recipe: Recipe, algorithms, linear_names: list[str],
             if any(name_matches(p, name) for p in override.targets):
                 scheme = override_scheme(scheme, override)
                 algorithm = override.algorithm or algorithm
-        plans[name] = LinearPlan(scheme, algorithm, algorithms.act_algorithm, algorithms.grid_for(algorithm))
+        plans[name] = algorithms.linear_plan(scheme, algorithm)
     return plans
 
 

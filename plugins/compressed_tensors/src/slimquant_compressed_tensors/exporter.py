@@ -11,16 +11,17 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from slimquant.errors import OutputError
-from slimquant.hookspecs import hookimpl
-from slimquant.quant.fake_linear import FakeQuantLinear
-from slimquant.runtime import kv_attention
-from slimquant_compressed_tensors.checkpoint import (
+from slimquant.export.hf_folder import (
     check_structure,
     float_tensors,
     reference_model,
+    refuse_shared_folder,
     write_configs,
     write_tensors,
 )
+from slimquant.hookspecs import hookimpl
+from slimquant.quant.fake_linear import FakeQuantLinear
+from slimquant.runtime import kv_attention
 from slimquant_compressed_tensors.quant_config import quantization_config
 from slimquant_compressed_tensors.schemes import spec_from_module, spec_from_plan, spec_problems, weight_problems
 from slimquant_compressed_tensors.tensors import linear_tensors
@@ -53,7 +54,7 @@ class CompressedTensorsExporter:
         dtype = model_dtype(model)
         specs = {n: spec_from_module(m) for n, m in fakes.items()}
         reference = reference_model(model)
-        problems = check_structure(model, reference, fakes)
+        problems = check_structure(model, reference, fakes, self.name)
         if kv_attention.quantizers(model):
             problems.append("the model's KV cache is quantized (kv_cache); this exporter does not write "
                             "compressed-tensors' kv_cache_scheme")
@@ -61,10 +62,11 @@ class CompressedTensorsExporter:
             problems += spec_problems(specs[n], n, tuple(m.qweight.shape)) + weight_problems(n, m, dtype)
         if problems:
             raise OutputError("compressed-tensors cannot hold this model exactly:\n  " + "\n  ".join(problems))
-        tensors = float_tensors(model, reference, fakes, dtype)
+        tensors = float_tensors(model, reference, fakes, dtype, self.name)
         for n, m in fakes.items():
             tensors.update(linear_tensors(n, m, specs[n], dtype))
         float_linears = [n for n, m in reference.named_modules() if isinstance(m, nn.Linear) and n not in fakes]
         out_dir = Path(output_dir)
+        refuse_shared_folder(out_dir, self.name)
         files = write_tensors(tensors, out_dir, options.get("part_file_size", 0) or 0)
         return files + write_configs(model, quantization_config(specs, float_linears), dtype, out_dir)

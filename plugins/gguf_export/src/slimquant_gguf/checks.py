@@ -34,6 +34,10 @@ def plan_problems(plan, name: str | None, shape: tuple[int, int] | None) -> list
     problems = weight_problems(w.bits, w.symmetric, group, plan.scheme.activations is not None, name, shape)
     if w.channel_bits:
         problems.append("weights.channel_bits: two-level scales (W4A8_DYNAMIC per group) have no gguf block type")
+    if plan.permuted_groups:
+        problems.append(f"{plan.weight_algorithm}: permutes the groups over the input channels (act order, g_idx), "
+                        "which contiguous gguf blocks cannot hold; keep the groups contiguous (gptq: static_groups: "
+                        "true, or act_order: false)")
     if w.scale_dtype != "float16":
         problems.append("weights.scale_dtype: gguf stores float16 scales; set scale_dtype: float16 so that the "
                         "quantized model uses exactly the scales the file holds")

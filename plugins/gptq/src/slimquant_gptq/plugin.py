@@ -42,6 +42,7 @@ class GPTQPlugin:
     def __init__(self, config: GPTQConfig):
         self.config = config
         self.sequential = config.true_sequential
+        self.permutes_groups = config.act_order and not config.static_groups  # g_idx: groups formed in sweep order
 
     @hookimpl
     def check(self, plan, name, shape):

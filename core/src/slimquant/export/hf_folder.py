@@ -1,5 +1,7 @@
-"""The Hugging Face side: the checkpoint's tensor names checked against the model class transformers will build,
-and the files (model.safetensors or shards + index, config.json, generation_config.json)."""
+"""A Hugging Face model folder, for exporters whose format is one (compressed-tensors, GPTQ checkpoints): the
+checkpoint's tensor names checked against the model class transformers will build from the config, and the files
+(model.safetensors or shards + index, config.json with the exporter's `quantization_config`,
+generation_config.json). `fmt` names the calling format in error messages."""
 
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ def reference_model(model: nn.Module) -> nn.Module:
         return AutoModelForCausalLM.from_config(model.config)
 
 
-def check_structure(model: nn.Module, reference: nn.Module, fakes: dict[str, FakeQuantLinear]) -> list[str]:
+def check_structure(model: nn.Module, reference: nn.Module, fakes: dict[str, FakeQuantLinear], fmt: str) -> list[str]:
     """Every quantized Linear must be an nn.Linear of the same shape in the model transformers builds (not a
     GPT-2 Conv1D or a slice of fused MoE expert tensors, which slimquant rewrites into Linears)."""
     problems = []
@@ -37,13 +39,13 @@ def check_structure(model: nn.Module, reference: nn.Module, fakes: dict[str, Fak
             target = None
         if not isinstance(target, nn.Linear) or tuple(target.weight.shape) != tuple(fake.qweight.shape):
             problems.append(f"{name}: transformers' {type(reference).__name__} has no nn.Linear "
-                            f"{list(fake.qweight.shape)} there (a Conv1D or fused expert tensors?); compressed-"
-                            "tensors quantizes nn.Linear modules only")
+                            f"{list(fake.qweight.shape)} there (a Conv1D or fused expert tensors?); {fmt} "
+                            "quantizes nn.Linear modules only")
     return problems
 
 
 def float_tensors(model: nn.Module, reference: nn.Module, fakes: dict[str, FakeQuantLinear],
-                  dtype: torch.dtype) -> dict[str, torch.Tensor]:
+                  dtype: torch.dtype, fmt: str) -> dict[str, torch.Tensor]:
     """Every tensor outside the quantized Linears, as transformers names it; a weight tied by the config to an
     earlier one (lm_head to the embeddings) is left out, as save_pretrained does."""
     expected = reference.state_dict()
@@ -56,7 +58,7 @@ def float_tensors(model: nn.Module, reference: nn.Module, fakes: dict[str, FakeQ
         if key not in expected or tuple(expected[key].shape) != tuple(t.shape):
             raise OutputError(f"tensor {key} {list(t.shape)} is not in transformers' {type(reference).__name__} as "
                               "such; the model's structure was changed (smoothing biases, rewritten modules?) in "
-                              "a way a compressed-tensors checkpoint cannot hold")
+                              f"a way a {fmt} checkpoint cannot hold")
         ptr = t.untyped_storage().data_ptr() if t.numel() else None
         if ptr is not None and ptr in seen and tie:
             continue
@@ -65,7 +67,29 @@ def float_tensors(model: nn.Module, reference: nn.Module, fakes: dict[str, FakeQ
     return out
 
 
+def refuse_shared_folder(out_dir: Path, fmt: str) -> None:
+    """A Hugging Face folder holds one model: refuse to write over another format's (save_type with two of them)."""
+    taken = sorted(p.name for p in (out_dir / "config.json", out_dir / SINGLE, out_dir / INDEX) if p.exists())
+    if taken:
+        raise OutputError(f"{fmt}: {', '.join(taken)} already written in this output by another format of "
+                          "save_type; save each Hugging Face format into its own directory")
+
+
+def _own_storages(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors sharing storage: the scales of q/k/v that GPTQ quantized stacked are views of one
+    tensor, and their act-order g_idx is one tensor. Such tensors are copied."""
+    seen: set[int] = set()
+    out = {}
+    for key, t in tensors.items():
+        ptr = t.untyped_storage().data_ptr()
+        whole = t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+        out[key] = t if whole and t.is_contiguous() and ptr not in seen else t.contiguous().clone()
+        seen.add(ptr)
+    return out
+
+
 def write_tensors(tensors: dict[str, torch.Tensor], out_dir: Path, part_file_size: float) -> list[Path]:
+    tensors = _own_storages(tensors)
     shards = plan_shards(tensors, part_file_size)
     if len(shards) == 1:
         path = out_dir / SINGLE

@@ -1,0 +1,115 @@
+"""`gptq` and `gptq-v2`: a Hugging Face model folder in the GPTQ checkpoint layout (qweight / qzeros / scales / g_idx)
+that transformers (with optimum and GPTQModel), vLLM and GPTQModel load. The two differ only in qzeros: `gptq`
+(checkpoint_format gptq, AutoGPTQ's v1) stores zero - 1, `gptq-v2` stores the zero point itself."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+import slimquant
+from slimquant.errors import OutputError
+from slimquant.export.hf_folder import (
+    check_structure,
+    float_tensors,
+    reference_model,
+    refuse_shared_folder,
+    write_configs,
+    write_tensors,
+)
+from slimquant.hookspecs import hookimpl
+from slimquant.quant.fake_linear import FakeQuantLinear
+from slimquant.quant.qweight import contiguous_g_idx
+from slimquant.runtime import kv_attention
+from slimquant_gptq_export.checks import module_problems, plan_problems, structure_problems
+from slimquant_gptq_export.packing import qweight, qzeros, unsigned_zero
+
+
+def is_permuted(module: FakeQuantLinear) -> bool:
+    qw = module.qweight
+    return not torch.equal(qw.group_index().cpu().to(torch.int32), contiguous_g_idx(qw.shape[1], qw.group_size))
+
+
+def linear_tensors(name: str, module: FakeQuantLinear, v2: bool, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    qw = module.qweight
+    zero = unsigned_zero(None if qw.zero is None else qw.zero.detach().cpu(), qw.bits, tuple(qw.scale.shape))
+    out = {
+        "qweight": qweight(qw.codes.detach().cpu(), qw.bits),
+        "qzeros": qzeros(zero, qw.bits, v2),
+        "scales": qw.scale.detach().cpu().t().to(torch.float16),
+        "g_idx": qw.group_index().detach().cpu().to(torch.int32),
+    }
+    if module.bias is not None:
+        out["bias"] = module.bias.detach().cpu().to(dtype)
+    return {f"{name}.{key}": t.contiguous() for key, t in out.items()}
+
+
+def quantization_config(fakes: dict[str, FakeQuantLinear], checkpoint_format: str) -> dict:
+    qw = next(iter(fakes.values())).qweight
+    return {
+        "quant_method": "gptq",
+        "checkpoint_format": checkpoint_format,
+        "bits": qw.bits,
+        "group_size": qw.group_size or -1,
+        "desc_act": any(is_permuted(m) for m in fakes.values()),
+        "sym": qw.symmetric,
+        "lm_head": False,
+        "pack_dtype": "int32",
+        "meta": {"quantizer": [f"slimquant:{slimquant.__version__}"]},
+    }
+
+
+class GPTQExporter:
+    name = "gptq"
+    checkpoint_format = "gptq"
+
+    class Config(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        name: Literal["gptq"] = "gptq"
+
+    def __init__(self, config: BaseModel | None = None):
+        self.config = config
+
+    @property
+    def v2(self) -> bool:
+        return self.checkpoint_format == "gptq_v2"
+
+    @hookimpl
+    def check(self, plan, name, shape):
+        return plan_problems(plan, name, shape)
+
+    @hookimpl
+    def export(self, model, output_dir, options):
+        options = options or {}
+        fakes = {n: m for n, m in model.named_modules() if isinstance(m, FakeQuantLinear)}
+        if not fakes:
+            raise OutputError(f"the model holds no quantized Linear; a {self.name} checkpoint needs them")
+        reference = reference_model(model)
+        problems = structure_problems(reference, fakes) + check_structure(model, reference, fakes, self.name)
+        if kv_attention.quantizers(model):
+            problems.append("the model's KV cache is quantized (kv_cache); a GPTQ checkpoint has no place for its "
+                            "scales")
+        for n, m in fakes.items():
+            problems += module_problems(n, m, self.v2)
+        if problems:
+            raise OutputError(f"{self.name} cannot hold this model exactly:\n  " + "\n  ".join(problems))
+        dtype = model.get_input_embeddings().weight.dtype
+        tensors = float_tensors(model, reference, fakes, dtype, self.name)
+        for n, m in fakes.items():
+            tensors.update(linear_tensors(n, m, self.v2, dtype))
+        out_dir = Path(output_dir)
+        refuse_shared_folder(out_dir, self.name)
+        files = write_tensors(tensors, out_dir, options.get("part_file_size", 0) or 0)
+        return files + write_configs(model, quantization_config(fakes, self.checkpoint_format), dtype, out_dir)
+
+
+class GPTQv2Exporter(GPTQExporter):
+    name = "gptq-v2"
+    checkpoint_format = "gptq_v2"
+
+    class Config(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        name: Literal["gptq-v2"] = "gptq-v2"
