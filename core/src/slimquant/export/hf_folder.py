@@ -120,3 +120,18 @@ def write_configs(model: nn.Module, quant_config: dict, dtype: torch.dtype, out_
         generation.save_pretrained(str(out_dir))
         written.append(out_dir / "generation_config.json")
     return written
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype the folder declares and its float tensors keep: the model's (its input embeddings')."""
+    return model.get_input_embeddings().weight.dtype
+
+
+def write_folder(model: nn.Module, tensors: dict[str, torch.Tensor], quant_config: dict, dtype: torch.dtype,
+                 output_dir, options: dict | None, fmt: str) -> list[Path]:
+    """The whole folder: refuse another format's in the same output, then the tensors (sharded as
+    options["part_file_size"] asks), config.json and generation_config.json."""
+    out_dir = Path(output_dir)
+    refuse_shared_folder(out_dir, fmt)
+    files = write_tensors(tensors, out_dir, (options or {}).get("part_file_size", 0) or 0)
+    return files + write_configs(model, quant_config, dtype, out_dir)

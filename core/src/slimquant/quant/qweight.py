@@ -169,6 +169,13 @@ class QuantizedWeight:
     def shape(self) -> torch.Size:
         return self.codes.shape
 
+    @property
+    def permuted_groups(self) -> bool:
+        """Whether g_idx orders the groups other than contiguously (GPTQ's act order)."""
+        if self.g_idx is None:
+            return False
+        return not torch.equal(self.g_idx.cpu().to(torch.int32), contiguous_g_idx(self.shape[1], self.group_size))
+
     def group_index(self) -> torch.Tensor:
         if self.g_idx is not None:
             return self.g_idx.long()

@@ -3,32 +3,19 @@ and vLLM load: pack-quantized weight-only Linears (W4A16, W8A16, ...), int-quant
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from slimquant.errors import OutputError
-from slimquant.export.hf_folder import (
-    check_structure,
-    float_tensors,
-    reference_model,
-    refuse_shared_folder,
-    write_configs,
-    write_tensors,
-)
+from slimquant.export.hf_folder import check_structure, float_tensors, model_dtype, reference_model, write_folder
 from slimquant.hookspecs import hookimpl
 from slimquant.quant.fake_linear import FakeQuantLinear
 from slimquant.runtime import kv_attention
 from slimquant_compressed_tensors.quant_config import quantization_config
 from slimquant_compressed_tensors.schemes import spec_from_module, spec_from_plan, spec_problems, weight_problems
 from slimquant_compressed_tensors.tensors import linear_tensors
-
-
-def model_dtype(model: nn.Module) -> torch.dtype:
-    return model.get_input_embeddings().weight.dtype
 
 
 class CompressedTensorsExporter:
@@ -47,7 +34,6 @@ class CompressedTensorsExporter:
 
     @hookimpl
     def export(self, model, output_dir, options):
-        options = options or {}
         fakes = {n: m for n, m in model.named_modules() if isinstance(m, FakeQuantLinear)}
         if not fakes:
             raise OutputError("the model holds no quantized Linear; a compressed-tensors checkpoint needs one")
@@ -66,7 +52,5 @@ class CompressedTensorsExporter:
         for n, m in fakes.items():
             tensors.update(linear_tensors(n, m, specs[n], dtype))
         float_linears = [n for n, m in reference.named_modules() if isinstance(m, nn.Linear) and n not in fakes]
-        out_dir = Path(output_dir)
-        refuse_shared_folder(out_dir, self.name)
-        files = write_tensors(tensors, out_dir, options.get("part_file_size", 0) or 0)
-        return files + write_configs(model, quantization_config(specs, float_linears), dtype, out_dir)
+        return write_folder(model, tensors, quantization_config(specs, float_linears), dtype, output_dir, options,
+                            self.name)

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 import torch
 
 from slimquant.quant.fake_linear import FakeQuantLinear
-from slimquant.quant.qweight import QuantizedWeight, contiguous_g_idx
 
 PACKED = "pack-quantized"  # weight-only: codes packed into int32
 INT = "int-quantized"  # weights and activations quantized: int8 codes
@@ -67,16 +66,9 @@ def spec_from_plan(plan) -> LinearSpec:
     return LinearSpec(WeightSpec(w.bits, w.symmetric, group), act)
 
 
-def is_permuted(qweight: QuantizedWeight) -> bool:
-    if qweight.g_idx is None or qweight.group_size is None:
-        return False
-    contiguous = contiguous_g_idx(qweight.shape[1], qweight.group_size)
-    return not torch.equal(qweight.g_idx.cpu().to(torch.int32), contiguous)
-
-
 def spec_from_module(module: FakeQuantLinear) -> LinearSpec:
     qw, act = module.qweight, module.act_qparams
-    weights = WeightSpec(qw.bits, qw.symmetric, qw.group_size, is_permuted(qw))
+    weights = WeightSpec(qw.bits, qw.symmetric, qw.group_size, qw.permuted_groups)
     if act is None:
         return LinearSpec(weights, None)
     per_channel = not act.dynamic and act.scale.numel() != 1
@@ -112,7 +104,7 @@ def weight_problems(name: str, module: FakeQuantLinear, dtype: torch.dtype) -> l
     if qw.zero is not None and not torch.equal(qw.zero, torch.round(qw.zero)):
         problems.append(f"{name}: fractional zero points (HQQ) cannot be stored; compressed-tensors' "
                         "weight_zero_point is an integer")
-    if is_permuted(qw):
+    if qw.permuted_groups:
         counts = torch.bincount(qw.g_idx.cpu().long(), minlength=qw.scale.shape[1])
         if not bool((counts == qw.group_size).all()):
             problems.append(f"{name}: g_idx puts unequal numbers of input channels in its groups; compressed-"

@@ -6,7 +6,6 @@ from __future__ import annotations
 import torch
 
 from slimquant.quant.fake_linear import FakeQuantLinear
-from slimquant.quant.qweight import contiguous_g_idx
 from slimquant_gguf.blocks import BLOCK, block_params, quant_type
 
 
@@ -61,8 +60,7 @@ def module_problems(name: str, module: FakeQuantLinear) -> list[str]:
         problems.append(f"{name}: 16-bit outliers (sparse fraction) have no gguf block type; gguf blocks are dense")
     if qw.zero is not None and not torch.equal(qw.zero, torch.round(qw.zero)):
         problems.append(f"{name}: fractional zero points (HQQ) cannot be stored in Q4_1 blocks exactly")
-    if qw.g_idx is not None and not torch.equal(qw.g_idx.cpu().to(torch.int32),
-                                                contiguous_g_idx(qw.shape[1], qw.group_size)):
+    if qw.permuted_groups:
         problems.append(f"{name}: permuted groups (act-order g_idx) cannot be stored; gguf blocks are contiguous")
     if problems:
         return problems

@@ -4,7 +4,6 @@ that transformers (with optimum and GPTQModel), vLLM and GPTQModel load. The two
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -12,25 +11,12 @@ from pydantic import BaseModel, ConfigDict
 
 import slimquant
 from slimquant.errors import OutputError
-from slimquant.export.hf_folder import (
-    check_structure,
-    float_tensors,
-    reference_model,
-    refuse_shared_folder,
-    write_configs,
-    write_tensors,
-)
+from slimquant.export.hf_folder import check_structure, float_tensors, model_dtype, reference_model, write_folder
 from slimquant.hookspecs import hookimpl
 from slimquant.quant.fake_linear import FakeQuantLinear
-from slimquant.quant.qweight import contiguous_g_idx
 from slimquant.runtime import kv_attention
 from slimquant_gptq_export.checks import module_problems, plan_problems, structure_problems
 from slimquant_gptq_export.packing import qweight, qzeros, unsigned_zero
-
-
-def is_permuted(module: FakeQuantLinear) -> bool:
-    qw = module.qweight
-    return not torch.equal(qw.group_index().cpu().to(torch.int32), contiguous_g_idx(qw.shape[1], qw.group_size))
 
 
 def linear_tensors(name: str, module: FakeQuantLinear, v2: bool, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -54,7 +40,7 @@ def quantization_config(fakes: dict[str, FakeQuantLinear], checkpoint_format: st
         "checkpoint_format": checkpoint_format,
         "bits": qw.bits,
         "group_size": qw.group_size or -1,
-        "desc_act": any(is_permuted(m) for m in fakes.values()),
+        "desc_act": any(m.qweight.permuted_groups for m in fakes.values()),
         "sym": qw.symmetric,
         "lm_head": False,
         "pack_dtype": "int32",
@@ -83,7 +69,6 @@ class GPTQExporter:
 
     @hookimpl
     def export(self, model, output_dir, options):
-        options = options or {}
         fakes = {n: m for n, m in model.named_modules() if isinstance(m, FakeQuantLinear)}
         if not fakes:
             raise OutputError(f"the model holds no quantized Linear; a {self.name} checkpoint needs them")
@@ -96,14 +81,12 @@ class GPTQExporter:
             problems += module_problems(n, m, self.v2)
         if problems:
             raise OutputError(f"{self.name} cannot hold this model exactly:\n  " + "\n  ".join(problems))
-        dtype = model.get_input_embeddings().weight.dtype
+        dtype = model_dtype(model)
         tensors = float_tensors(model, reference, fakes, dtype, self.name)
         for n, m in fakes.items():
             tensors.update(linear_tensors(n, m, self.v2, dtype))
-        out_dir = Path(output_dir)
-        refuse_shared_folder(out_dir, self.name)
-        files = write_tensors(tensors, out_dir, options.get("part_file_size", 0) or 0)
-        return files + write_configs(model, quantization_config(fakes, self.checkpoint_format), dtype, out_dir)
+        return write_folder(model, tensors, quantization_config(fakes, self.checkpoint_format), dtype, output_dir,
+                            options, self.name)
 
 
 class GPTQv2Exporter(GPTQExporter):
