@@ -7,8 +7,9 @@ Cases (each in a fresh process, bench/common.py protocol: SmolLM2-135M fp32, Wik
 - "transformers load": AutoModelForCausalLM.from_pretrained of the fp32 safetensors (the yardstick for data-free
   quantization time), and of the package's GGUF file;
 - RTN W8A16 / W4A16 g128, data-free (no samples) and calibrated (samples given: errors against float measured);
-- GPTQ W4A16 g64 with the plugin's defaults (act_order, mse, true_sequential off), with true_sequential on, and
-  with one sample per forward (batch_tokens 512, the old unbatched passes);
+- GPTQ W4A16 g64 with the plugin's defaults (act_order, mse, true_sequential off; calibration passes in bfloat16 on
+  a CPU with AVX512-BF16), with the passes in the model's float32, with true_sequential on, and with one sample per
+  forward (batch_tokens 512, the old unbatched passes);
 - llm-compressor's GPTQ W4A16 g64 (its own venv, see bench_llmcompressor.py), when installed.
 """
 
@@ -30,6 +31,8 @@ CASES: dict[str, dict | None] = {
     "W8A16 RTN calibrated": {"scheme": "W8A16"},
     "W4A16 g128 RTN calibrated": {"weights": G128},
     "W4A16 g64 GPTQ defaults": {"weights": G64, "algorithms": ["gptq"]},
+    "W4A16 g64 GPTQ passes in float32": {"weights": G64, "algorithms": ["gptq"],
+                                          "runtime": {"calibration_dtype": "model"}},
     "W4A16 g64 GPTQ true_sequential on": {"weights": G64, "algorithms": [{"name": "gptq", "true_sequential": True}]},
     "W4A16 g64 GPTQ defaults unbatched": {"weights": G64, "algorithms": ["gptq"], "runtime": {"batch_tokens": 512}},
 }

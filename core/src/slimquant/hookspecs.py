@@ -127,6 +127,11 @@ def observe(ctx, name: str, module, inputs, output) -> None:
     Linear of the layer. In the quantize pass (``ctx.phase == "quantize"``) the plugins named by that Linear's plan
     (weight and activation algorithm) observe it when their ``observes(plan)`` says so. Accumulate into
     ``ctx.state(self.name)``; return nothing; do not modify the tensors.
+
+    When the passes compute in half precision (``runtime.calibration_dtype``, see slimquant.runtime.precision),
+    ``inputs`` is in that dtype (what the Linear multiplies) although the model is float32, one tensor for Linears
+    that read one input; the hook runs with autocast off, as every other hook does, so statistics accumulate in
+    whatever dtype the plugin chooses.
     """
 
 

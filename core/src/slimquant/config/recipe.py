@@ -85,6 +85,10 @@ class RuntimeSpec(BaseModel):
     error_samples: int = Field(4, gt=0, description="calibration samples on which layer errors are measured")
     batch_tokens: int = Field(2048, gt=0, description="tokens per calibration forward: samples of one length are "
                               "batched up to this many tokens (a sample longer than it runs alone)")
+    calibration_dtype: Literal["auto", "model", "bfloat16", "float16"] = Field(
+        "auto", description="what the calibration passes compute in: autocast to bfloat16 / float16, the model's own "
+                            "dtype, or auto (bfloat16 for a float32 model on hardware with native bfloat16 when the "
+                            "recipe is weight-only; see slimquant.runtime.precision)")
     checkpoint_dir: str | None = Field(None, description="write a resume checkpoint here after each decoder layer "
                                        "(see slimquant.runtime.checkpoint)")
     resume: bool = Field(False, description="continue from the checkpoint in checkpoint_dir, if there is one")

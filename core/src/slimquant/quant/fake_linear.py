@@ -96,7 +96,10 @@ class FakeQuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        x = self.quantize_input(x.float()).to(self.compute_dtype)  # rounding in float32, matmul in the model's dtype
+        if self.act is not None:
+            x = self.quantize_input(x.float())  # rounding in float32, the matmul in the model's dtype
+        if not torch.is_autocast_enabled(x.device.type):  # (under autocast, in the autocast dtype)
+            x = x.to(self.compute_dtype)
         out = F.linear(x, self.weight, None if self.bias is None else self.bias.to(self.compute_dtype))
         return out.to(dtype)
 

@@ -69,8 +69,14 @@ class WeightGrid:
         stored = self.quantize_scales(scale)
         if stored is not None:
             scale = stored.dequantize()
-        idx = contiguous_g_idx(w.shape[1], group_size, w.device).long()
-        codes = self.quantize(w, scale[:, idx], None if zero is None else zero[:, idx])
+        rows, columns = w.shape
+        if group_size is None or columns % group_size == 0:
+            groups = scale.shape[1]
+            codes = self.quantize(w.view(rows, groups, -1), scale.unsqueeze(-1),
+                                  None if zero is None else zero.unsqueeze(-1)).view(rows, columns)
+        else:
+            idx = contiguous_g_idx(columns, group_size, w.device).long()
+            codes = self.quantize(w, scale[:, idx], None if zero is None else zero[:, idx])
         return self.quantized_weight(codes, scale, zero, group_size, scale_quant=stored)
 
 
@@ -90,6 +96,7 @@ class CodebookGrid(WeightGrid):
         self.name = name
         self.codebook = values
         self._midpoints = (values[1:] + values[:-1]) / 2
+        self._midpoint_list = self._midpoints.tolist()
 
     def qparams(self, w, group_size, g_idx=None, clip_ratio=1.0):
         w = w.float()
@@ -101,8 +108,15 @@ class CodebookGrid(WeightGrid):
         return absmax.clamp_min(EPS), None
 
     def quantize(self, w, scale, zero):
-        index = torch.bucketize(torch.nan_to_num(w / scale, nan=0.0).contiguous(), self._midpoints.to(w.device))
-        return (index + qrange(self.bits)[0]).to(w.dtype)
+        x = torch.nan_to_num(w / scale, nan=0.0)
+        if len(self._midpoints) > 15:
+            index = torch.bucketize(x.contiguous(), self._midpoints.to(w.device))
+        else:  # counting the midpoints below x: 15 comparisons run ~3x faster than bucketize's binary search
+            index = torch.zeros(x.shape, dtype=torch.uint8, device=x.device)
+            above = torch.empty(x.shape, dtype=torch.bool, device=x.device)
+            for midpoint in self._midpoint_list:
+                index += torch.gt(x, midpoint, out=above).view(torch.uint8)
+        return index.to(w.dtype).sub_(2 ** (self.bits - 1))
 
     def dequantize(self, codes, scale, zero):
         return self.codebook.to(codes.device)[codes.long() - qrange(self.bits)[0]] * scale

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 import torch
@@ -51,6 +53,8 @@ class LayerContext:
     _state: dict[str, dict] = field(default_factory=dict)
     _trace: LayerTrace | None = None
     grid_of: Callable[[LinearPlan], object] | None = None  # the runtime's: a plan's WeightGrid from its provider
+    # the calibration passes' precision (slimquant.runtime.precision), also for block_inputs, linear_inputs, run_block
+    precision: Callable[[], AbstractContextManager] = contextlib.nullcontext
 
     def state(self, plugin: str) -> dict:
         """A plugin's private store for this layer: kept across the layer's smoothing, observation and quantize
@@ -113,7 +117,8 @@ class LayerContext:
         try:
             for inp in self.inputs[:max_samples]:
                 try:
-                    self.run_layer([inp])
+                    with self.precision():
+                        self.run_layer([inp])
                 except _BlockReached:
                     pass
         finally:
@@ -136,7 +141,8 @@ class LayerContext:
 
         handles = [self.module(name).register_forward_pre_hook(make_hook(name)) for name in names]
         try:
-            self.run_layer(self.inputs[:max_samples])
+            with self.precision():
+                self.run_layer(self.inputs[:max_samples])
         finally:
             for handle in handles:
                 handle.remove()
@@ -152,9 +158,12 @@ class LayerContext:
 
     @torch.no_grad()
     def run_block(self, block: str, inputs: list[LayerInput]) -> list[torch.Tensor]:
-        """Run the sub-module `block` on inputs from `block_inputs`; returns its first output per input."""
+        """Run the sub-module `block` on inputs from `block_inputs`; returns its first output per input (in the
+        calibration passes' precision, like everything these helpers run: compare outputs with each other, not with
+        a float32 value)."""
         module = self._block(block)
-        return [hidden_of(module(*args, **kwargs)) for args, kwargs in inputs]
+        with self.precision():
+            return [hidden_of(module(*args, **kwargs)) for args, kwargs in inputs]
 
     def _block(self, block: str) -> nn.Module:
         """A sub-module by its name relative to the layer ("" is the layer) or by its full model name."""

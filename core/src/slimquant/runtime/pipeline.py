@@ -42,6 +42,7 @@ from slimquant.runtime.context import LayerContext, hidden_of_input, with_hidden
 from slimquant.runtime.fingerprint import run_fingerprint
 from slimquant.runtime.linear_error import measure_linear_errors
 from slimquant.runtime.plan import LinearPlan, check_group_sizes, plan_linears
+from slimquant.runtime.precision import calibration_precision, full_precision, resolve_calibration_dtype
 
 if TYPE_CHECKING:
     from slimquant.budget import BudgetReport
@@ -95,6 +96,10 @@ def _checked_qweight(result, plugin: str, name: str, module: nn.Module) -> Quant
     return result
 
 
+def _float_dtype(module: nn.Module) -> torch.dtype:
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
+
+
 def _same_codebook(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
     if a is None or b is None:
         return a is None and b is None
@@ -123,6 +128,10 @@ class LayerwiseQuantizer:
         self._check_linears(linears)
         self.needs_data = smooth_only or self.algorithms.requires_calibration_data(self.plans.values())
         self.check_finite = recipe.runtime.check_finite
+        weight_only = self.algorithms.cache is None and all(
+            p is None or p.scheme.activations is None for p in self.plans.values())
+        self.pass_dtype = resolve_calibration_dtype(recipe.runtime.calibration_dtype, _float_dtype(self.layers[0]),
+                                                    device, weight_only)
         self._grids: dict[tuple, WeightGrid | None] = {}
         if self.check_finite:  # every tensor that will be saved, not only those calibration reaches
             for name, tensor in model.state_dict().items():
@@ -154,9 +163,13 @@ class LayerwiseQuantizer:
             self._grids[key] = grid
         return self._grids[key]
 
+    def _precision(self):
+        """The calibration passes' autocast (slimquant.runtime.precision); never around a plugin's own work."""
+        return calibration_precision(self.pass_dtype, self.device)
+
     def _layer_context(self, index: int, prefix: str, layer: nn.Module, linears: dict, inputs) -> LayerContext:
         return LayerContext(index, prefix, layer, self.device, linears, {n: self.plans.get(n) for n in linears},
-                            inputs, grid_of=self.grid)
+                            inputs, grid_of=self.grid, precision=self._precision)
 
     # -- passes ------------------------------------------------------------------------------------------
 
@@ -165,12 +178,18 @@ class LayerwiseQuantizer:
         (`targets`: Linear name -> plugin names); return the outputs of the first `keep` inputs. On the other inputs
         the layer stops as soon as every target has seen its input: observing q/k/v needs neither attention nor MLP."""
         pending: set[str] = set()
+        converted: list = [None, None]  # the last input seen and its pass-dtype copy
 
         def observe(name, observers, module, x, output):
             if self.check_finite:
                 _check_finite(x, f"input activation of {name}")
-            for plugin in observers:
-                self.plugins.call(plugin, "observe", ctx=ctx, name=name, module=module, inputs=x, output=output)
+            if self.pass_dtype is not None:  # what the Linear multiplies under autocast (a norm's output is float32)
+                if converted[0] is not x:  # q/k/v read one tensor: convert it once, so it stays one tensor
+                    converted[:] = [x, x.to(self.pass_dtype)]
+                x = converted[1]
+            with full_precision(self.device):
+                for plugin in observers:
+                    self.plugins.call(plugin, "observe", ctx=ctx, name=name, module=module, inputs=x, output=output)
             if pending:
                 pending.discard(name)
                 if not pending:
@@ -194,7 +213,7 @@ class LayerwiseQuantizer:
                 handles.append(module.register_forward_hook(hook(name, observers)))
         outs = []
         try:
-            with materialized_weights(ctx.layer):
+            with materialized_weights(ctx.layer), self._precision():
                 for i, inp in enumerate(ctx.inputs):
                     finish = i < keep
                     pending.clear()
@@ -379,7 +398,8 @@ class LayerwiseQuantizer:
         if self.algorithms.smoothers and quantized:
             self._smooth(ctx, quantized)
         if self.smooth_only:
-            outs = ctx.run_layer()
+            with self._precision():
+                outs = ctx.run_layer()
             ctx.clear_state()
             if self.recipe.runtime.offload_layers and self.device.type != "cpu":
                 self.layers[index].to("cpu")
@@ -395,16 +415,18 @@ class LayerwiseQuantizer:
                 outs = self._observe_pass(ctx, observers, keep=k if float_out is None else 0)
                 float_out = float_out if float_out is not None else outs
             elif float_out is None:
-                float_out = ctx.run_layer(inputs[:k])
+                with self._precision():
+                    float_out = ctx.run_layer(inputs[:k])
             for name in group:
                 self._quantize_linear(ctx, name, plans[name], ctx.module(name), layer, prefix)
         if float_out is None:
-            float_out = ctx.run_layer(inputs[:k])
+            with self._precision():
+                float_out = ctx.run_layer(inputs[:k])
         if self.algorithms.cache is not None:
             quantize_layer_cache(ctx, self.algorithms)
 
         fakes = {name: ctx.module(name) for name in quantized}
-        with materialized_weights(layer):
+        with materialized_weights(layer), self._precision():
             with measure_linear_errors(fakes, ctx.linears, into=linear_errors, rows=self.recipe.runtime.error_samples):
                 quant_out = ctx.run_layer(inputs[:k])
             num = sum(float((q - f).float().pow(2).sum()) for q, f in zip(quant_out, float_out, strict=True))
