@@ -38,6 +38,8 @@ CASES: dict[str, dict | None] = {
     "W4A16 g128 GPTQ": {"weights": {"bits": 4, "group_size": 128, "symmetric": False}, "algorithms": GPTQ},
     "budget 4.5 bits GPTQ": budget(4.5),
     "budget 6 bits GPTQ": budget(6.0),
+    "budget 4.5 bits GPTQ, w3-w8": budget(4.5, GPTQ, WIDER),
+    "budget 6 bits GPTQ, w3-w8": budget(6.0, GPTQ, WIDER),
     # GPTQ with its defaults (act_order, mse) and the wider candidate set
     "W4A16 g128 GPTQ defaults": {"weights": {"bits": 4, "group_size": 128, "symmetric": False},
                                  "algorithms": ["gptq"]},

@@ -3,7 +3,7 @@
     python3 -m venv bench/out/hqq-venv && . bench/out/hqq-venv/bin/activate
     pip install -c constraints.txt torch==2.13.0
     DISABLE_CUDA=1 pip install -c constraints.txt --no-build-isolation setuptools hqq==0.2.8 einops termcolor
-    pip install --no-deps -e core
+    pip install --no-deps -e core && pip install pluggy pydantic
     deactivate; python bench/bench_hqq.py [--only CASE ...]
 
 Both quantize every decoder Linear data-free from the same fp32 weights (bench/common.py protocol; perplexity on

@@ -3,7 +3,7 @@
 llm-compressor pins transformers <= 5.17, so it lives in its own environment next to slimquant's:
 
     python3 -m venv bench/out/llmc-venv && . bench/out/llmc-venv/bin/activate
-    pip install -c constraints.txt torch==2.13.0 llmcompressor==0.14.0.1 gguf
+    pip install torch==2.13.0 llmcompressor==0.14.0.1 gguf      # not -c constraints.txt: it pins transformers 5.24
     pip install --no-deps -e core && pip install pluggy typer rich
     python bench/bench_llmcompressor.py [--only CASE ...]
 

@@ -95,3 +95,20 @@ def test_msmodelslim_w_method_hqq():
 
     recipe = QuantConfig(w_bit=4, a_bit=16, w_sym=False, w_method="HQQ", group_size=64).to_recipe()
     assert recipe.algorithms[-1]["name"] == "hqq"
+
+
+def test_the_cheap_error_bound_holds_where_weights_are_clamped():
+    from slimquant_hqq.solver import _error_bound
+
+    torch.manual_seed(0)
+    w = torch.randn(64, 32)
+    wmin, wmax = w.amin(1), w.amax(1)
+    inverse = 15 / (wmax - wmin)
+    step = 1 / inverse
+    for shift in (0.0, 3.0, -5.0):  # zero points that push each group's extremes outside the 4-bit codes
+        zero = -8 - wmin * inverse + shift
+        u = torch.addcmul(zero[:, None], w, inverse[:, None])
+        d = (u - u.round().clamp(-8, 7)) * step[:, None]
+        bound = _error_bound(step, zero, inverse, wmin, wmax, -8, 7)
+        assert float(d.abs().max()) <= bound * (1 + 1e-6)
+        assert bound <= 1.01 * max(float(d.abs().max()), 0.5 * float(step.max()))  # and not much above it

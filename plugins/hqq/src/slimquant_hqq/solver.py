@@ -65,17 +65,24 @@ def _no_shrink_below(beta: float, p: float) -> float:
     return beta ** (-1.0 / (2.0 - p))
 
 
-def _coupled_error(d: torch.Tensor, beta: float, p: float) -> torch.Tensor:
-    """d - W_e, with W_e = sign(d) * relu(|d| - |d|^(p-1) / beta) the shrunk error: d clamped to +-|d|^(p-1)/beta."""
-    magnitude = d.abs()
-    if float(magnitude.max()) <= _no_shrink_below(beta, p):
+def _error_bound(step, zero, inverse, wmin, wmax, lo: int, hi: int) -> float:
+    """An upper bound of |W - W_r| over groups, from per-group numbers only: half a step, or more where the
+    group's extreme weights fall outside the code range and are clamped."""
+    over = torch.maximum(lo - torch.addcmul(zero, wmin, inverse), torch.addcmul(zero, wmax, inverse) - hi)
+    return float((step * over.clamp_min(0.5)).max())
+
+
+def _coupled_error(d: torch.Tensor, beta: float, p: float, bound: float) -> torch.Tensor:
+    """d - W_e, with W_e = sign(d) * relu(|d| - |d|^(p-1) / beta) the shrunk error: d clamped to +-|d|^(p-1)/beta.
+    `bound` is at least max |d|."""
+    if bound <= _no_shrink_below(beta, p):
         return d
-    threshold = magnitude.clamp_min_(1e-8).pow_(p - 1).div_(beta)
+    threshold = d.abs().clamp_min_(1e-8).pow_(p - 1).div_(beta)
     return torch.clamp(d, min=threshold.neg(), max=threshold)
 
 
 @torch.no_grad()
-def _solve(w, mask, count, inverse, zero, s: HQQSettings, lo: int, hi: int):
+def _solve(w, mask, count, inverse, zero, s: HQQSettings, lo: int, hi: int, wmin, wmax):
     """The half-quadratic iterations; returns (step, zero). Each iteration walks the groups in chunks of rows that
     stay in cache, so a weight is read from memory about once per iteration instead of once per operation."""
     step = 1.0 / inverse
@@ -87,7 +94,8 @@ def _solve(w, mask, count, inverse, zero, s: HQQSettings, lo: int, hi: int):
             wc, inv, z = w[rows], inverse[rows, None], zero[rows, None]
             u = torch.addcmul(z, wc, inv)
             d = u.sub(u.round().clamp_(lo, hi)).mul_(step[rows, None])  # W - W_r, W_r the dequantized weight
-            coupled = _coupled_error(d, beta, s.lp_norm)
+            bound = _error_bound(step[rows], zero[rows], inverse[rows], wmin[rows], wmax[rows], lo, hi)
+            coupled = _coupled_error(d, beta, s.lp_norm, bound)
             if mask is not None:
                 coupled = coupled * mask[rows]
             z_new = zero[rows] - inverse[rows] * (coupled.sum(1) / (count if mask is None else count[rows]))
@@ -139,7 +147,7 @@ def hqq_quantize(weight: torch.Tensor, s: HQQSettings) -> QuantizedWeight:
     zero = lo - wmin * inverse
     if s.round_zero:
         zero = zero.round()
-    step, zero = _solve(w, mask, count, inverse, zero, s, lo, hi)
+    step, zero = _solve(w, mask, count, inverse, zero, s, lo, hi, wmin, wmax)
 
     # The weight falls back to round-to-nearest if the solver's lp error came out larger (a guarantee the reference
     # lacks; per group the solver may trade lp error between groups, which helps perplexity, so it is kept whole).
