@@ -13,6 +13,7 @@ from slimquant.plugins import AlgorithmPlan, PluginSet
 from slimquant.runtime import precision
 from slimquant.runtime.pipeline import LayerwiseQuantizer
 from slimquant.runtime.precision import resolve_calibration_dtype
+from slimquant.testing import ARCHS
 
 CPU = torch.device("cpu")
 
@@ -137,3 +138,15 @@ def test_a_hessian_of_bfloat16_inputs_matches_the_float32_one_to_bfloat16_roundi
     assert half.sum.dtype == torch.float32 and half.tokens == full.tokens == 768
     error = (half.hessian - full.hessian).norm() / full.hessian.norm()
     assert 0 < error < 2 ** -9
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("setting", ["bfloat16", "float16"])
+def test_half_precision_passes_run_on_every_architecture(arch, setting):
+    pytest.importorskip("slimquant_gptq")
+    model = tiny_model(arch)
+    report = slimquant.quantize(model, {"scheme": "W4A16", "algorithms": ["gptq"],
+                                        "runtime": {"progress": False, "calibration_dtype": setting}},
+                                samples=token_samples(4, 16))
+    assert report.layers and all(0 < r.output_rel_error < 1 for r in report.layers)
+    assert all(p.dtype == torch.float32 for p in model.parameters())

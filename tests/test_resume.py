@@ -155,6 +155,16 @@ def test_another_model_is_refused(crashed_checkpoint):
         slimquant.quantize(model, recipe_with(RTN, crashed_checkpoint, resume=True), samples=token_samples(4, 16))
 
 
+def test_a_machine_whose_calibration_precision_differs_is_refused(crashed_checkpoint, monkeypatch):
+    from slimquant.runtime import precision
+
+    native = precision.native_bfloat16
+    monkeypatch.setattr(precision, "native_bfloat16", lambda device: not native(device))  # `auto` resolves otherwise
+    with pytest.raises(CheckpointError, match="the calibration passes computed in"):
+        slimquant.quantize(four_layer_llama(), recipe_with(RTN, crashed_checkpoint, resume=True),
+                           samples=token_samples(4, 16))
+
+
 def test_a_checkpoint_is_not_overwritten_without_resume(crashed_checkpoint):
     with pytest.raises(CheckpointError, match="holds a checkpoint of an earlier run"):
         slimquant.quantize(four_layer_llama(), recipe_with(RTN, crashed_checkpoint), samples=token_samples(4, 16))

@@ -66,14 +66,22 @@ def versions(algorithms: AlgorithmPlan) -> dict[str, str]:
 
 
 def run_fingerprint(model: nn.Module, recipe: Recipe, samples: list[torch.Tensor] | None,
-                    algorithms: AlgorithmPlan) -> dict:
+                    algorithms: AlgorithmPlan, pass_dtype: torch.dtype | None = None) -> dict:
+    """`pass_dtype`: what calibration_dtype resolved to on this machine (`auto` may differ between machines)."""
     return {"model": model_hash(model), "recipe": recipe_hash(recipe), "samples": samples_hash(samples),
-            "versions": versions(algorithms)}
+            "versions": versions(algorithms), "precision": _precision_name(pass_dtype)}
+
+
+def _precision_name(pass_dtype: torch.dtype | None) -> str:
+    return "model dtype" if pass_dtype is None else str(pass_dtype).removeprefix("torch.")
 
 
 def differences(saved: dict, current: dict) -> list[str]:
     """What differs between two fingerprints, in words."""
     found = [f"the {part} differs" for part in ("model", "recipe", "samples") if saved.get(part) != current.get(part)]
+    saved_precision = saved.get("precision", _precision_name(None))  # checkpoints from before it was recorded
+    if saved_precision != current.get("precision"):
+        found.append(f"the calibration passes computed in {saved_precision}, here in {current.get('precision')}")
     old, new = saved.get("versions", {}), current.get("versions", {})
     for name in sorted(set(old) | set(new)):
         if old.get(name) != new.get(name):

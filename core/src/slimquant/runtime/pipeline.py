@@ -342,7 +342,7 @@ class LayerwiseQuantizer:
         if self.algorithms.cache is not None:
             raise CheckpointError("resume checkpoints do not hold a quantized attention cache yet: leave out "
                                   "kv_cache or runtime.checkpoint_dir")
-        fingerprint = run_fingerprint(self.model, self.recipe, samples, self.algorithms)
+        fingerprint = run_fingerprint(self.model, self.recipe, samples, self.algorithms, self.pass_dtype)
         checkpoint = Checkpoint.start(runtime.checkpoint_dir, fingerprint, len(self.layers), runtime.resume)
         if not runtime.keep_checkpoint:
             report.checkpoint = checkpoint.directory
