@@ -60,8 +60,8 @@ def _run(plugin, calibration_dtype, scheme="W8A16"):
 
 def test_bfloat16_passes_show_observers_half_inputs_but_never_run_plugins_under_autocast():
     spy = _PrecisionSpy()
-    quantizer, _, model = _run(spy, "bfloat16")
-    assert quantizer.pass_dtype == torch.bfloat16
+    quantizer, report, model = _run(spy, "bfloat16")
+    assert quantizer.pass_dtype == torch.bfloat16 and report.calibration_dtype == "bfloat16"
     assert set(spy.observed) == {torch.bfloat16}  # what the Linears multiply, norm outputs included
     attention = "model.layers.1.self_attn."
     assert spy.inputs[attention + "q_proj"] is spy.inputs[attention + "k_proj"] is spy.inputs[attention + "v_proj"]
@@ -73,8 +73,8 @@ def test_bfloat16_passes_show_observers_half_inputs_but_never_run_plugins_under_
 
 def test_model_dtype_passes_stay_float32():
     spy = _PrecisionSpy()
-    quantizer, _, _ = _run(spy, "model")
-    assert quantizer.pass_dtype is None
+    quantizer, report, _ = _run(spy, "model")
+    assert quantizer.pass_dtype is None and report.calibration_dtype == "model dtype"
     assert set(spy.observed) == {torch.float32}
 
 

@@ -254,6 +254,8 @@ def _print_summary(console: Console, report: QuantizationReport, results: dict) 
     summary = Table("measure", "value", title="summary")
     summary.add_row("Linear weights (MB)", f"{results['size_mb_before']:.1f} -> {results['size_mb_after']:.1f}")
     summary.add_row("quantization time (s)", f"{results['quantize_seconds']:.1f}")
+    if not report.data_free:
+        summary.add_row("calibration passes computed in", report.calibration_dtype)
     worst = max(report.layers, key=lambda layer: layer.output_rel_error, default=None)
     if worst:
         summary.add_row("worst layer output error", f"layer {worst.index}: {worst.output_rel_error:.2e}")

@@ -69,6 +69,7 @@ class QuantizationReport:
     budget: BudgetReport | None = None  # what budget mode measured and chose, when the recipe had a budget
     checkpoint: Path | None = None  # the resume checkpoint to delete once the output is saved (remove_checkpoint)
     resumed_layers: int = 0  # decoder layers restored from a checkpoint instead of quantized by this run
+    calibration_dtype: str = "model dtype"  # what the calibration passes computed in (runtime.calibration_dtype)
 
     def linear_types(self) -> dict[str, str]:
         return {n: ("FLOAT" if p is None else p.scheme.type_name) for n, p in self.plans.items()}
@@ -285,6 +286,8 @@ class LayerwiseQuantizer:
             return self._run_data_free()
         check_samples(samples, self.model)
         report = QuantizationReport(plans=dict(self.plans))
+        if self.pass_dtype is not None:
+            report.calibration_dtype = str(self.pass_dtype).removeprefix("torch.")
         start = time.perf_counter()
         checkpoint = self._open_checkpoint(samples, report)
         inputs = self._catch(samples)
