@@ -9,26 +9,17 @@ exp(mean NLL) over tokens 2..N of each window, as slimquant.eval.perplexity comp
 
 from __future__ import annotations
 
-import argparse
-import json
-import math
 import time
 
 import torch
+from windows_cli import parse_args, print_result
 
 
 @torch.no_grad()
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("model_dir")
-    parser.add_argument("windows")
-    parser.add_argument("--dtype", default="float32")
-    args = parser.parse_args()
-
-    from safetensors.torch import load_file
+    args, windows = parse_args()
     from transformers import AutoModelForCausalLM
 
-    windows = load_file(args.windows)["ids"]
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=getattr(torch, args.dtype)).eval()
     start = time.perf_counter()
     nll, count = 0.0, 0
@@ -36,8 +27,7 @@ def main() -> None:
         logits = model(input_ids=row[None], use_cache=False).logits[0, :-1].float()
         nll += float(torch.nn.functional.cross_entropy(logits, row[1:], reduction="sum"))
         count += row.numel() - 1
-    print(json.dumps({"engine": "transformers", "dtype": args.dtype, "ppl": round(math.exp(nll / count), 3),
-                      "tokens": count, "seconds": round(time.perf_counter() - start, 1)}))
+    print_result("transformers", args.dtype, nll, count, start)
 
 
 if __name__ == "__main__":

@@ -10,27 +10,19 @@ is exp(mean NLL) over tokens 2..N of each window, as slimquant.eval.perplexity c
 
 from __future__ import annotations
 
-import argparse
-import json
-import math
 import os
 import time
+
+from windows_cli import parse_args, print_result
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("model_dir")
-    parser.add_argument("windows")
-    parser.add_argument("--dtype", default="float32")
-    args = parser.parse_args()
-
-    from safetensors.torch import load_file
+    args, windows = parse_args()
     from vllm import LLM, SamplingParams
 
-    windows = load_file(args.windows)["ids"]
     llm = LLM(model=args.model_dir, dtype=args.dtype, max_model_len=windows.shape[1] + 1, enforce_eager=True,
               seed=0, max_num_seqs=1)
     params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
@@ -41,8 +33,7 @@ def main() -> None:
         for token, logprobs in zip(row[1:], out.prompt_logprobs[1:], strict=True):
             nll -= logprobs[token].logprob
             count += 1
-    print(json.dumps({"engine": "vllm", "dtype": args.dtype, "ppl": round(math.exp(nll / count), 3),
-                      "tokens": count, "seconds": round(time.perf_counter() - start, 1)}))
+    print_result("vllm", args.dtype, nll, count, start)
 
 
 if __name__ == "__main__":

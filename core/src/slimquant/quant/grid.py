@@ -19,8 +19,16 @@ from __future__ import annotations
 
 import torch
 
-from slimquant.quant.math import EPS, contiguous_group_minmax, dequantize, group_minmax, quantize, weight_qparams
-from slimquant.quant.qweight import QuantizedScale, QuantizedWeight, contiguous_g_idx, num_groups, qrange
+from slimquant.quant.math import (
+    EPS,
+    contiguous_group_minmax,
+    dequantize,
+    group_minmax,
+    per_group,
+    quantize,
+    weight_qparams,
+)
+from slimquant.quant.qweight import QuantizedScale, QuantizedWeight, num_groups, qrange
 
 
 class WeightGrid:
@@ -69,14 +77,7 @@ class WeightGrid:
         stored = self.quantize_scales(scale)
         if stored is not None:
             scale = stored.dequantize()
-        rows, columns = w.shape
-        if group_size is None or columns % group_size == 0:
-            groups = scale.shape[1]
-            codes = self.quantize(w.view(rows, groups, -1), scale.unsqueeze(-1),
-                                  None if zero is None else zero.unsqueeze(-1)).view(rows, columns)
-        else:
-            idx = contiguous_g_idx(columns, group_size, w.device).long()
-            codes = self.quantize(w, scale[:, idx], None if zero is None else zero[:, idx])
+        codes = per_group(self.quantize, w, scale, zero, group_size)
         return self.quantized_weight(codes, scale, zero, group_size, scale_quant=stored)
 
 
@@ -116,7 +117,7 @@ class CodebookGrid(WeightGrid):
             above = torch.empty(x.shape, dtype=torch.bool, device=x.device)
             for midpoint in self._midpoint_list:
                 index += torch.gt(x, midpoint, out=above).view(torch.uint8)
-        return index.to(w.dtype).sub_(2 ** (self.bits - 1))
+        return index.to(w.dtype).add_(qrange(self.bits)[0])
 
     def dequantize(self, codes, scale, zero):
         return self.codebook.to(codes.device)[codes.long() - qrange(self.bits)[0]] * scale

@@ -88,6 +88,19 @@ def weight_qparams(
     return range_to_qparams(xmin * clip_ratio, xmax * clip_ratio, bits, symmetric)
 
 
+def per_group(fn, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group_size: int | None,
+              g_idx: torch.Tensor | None = None) -> torch.Tensor:
+    """fn(w, scale, zero) with the [rows, groups] scale and zero applied to every weight of their group: broadcast
+    over a view when the groups are equal and contiguous (no gather), else expanded by the group index."""
+    rows, cols = w.shape
+    size = group_size or cols
+    if g_idx is None and cols % size == 0:
+        out = fn(w.reshape(rows, cols // size, size), scale.unsqueeze(-1), None if zero is None else zero.unsqueeze(-1))
+        return out.reshape(rows, cols)
+    idx = g_idx if g_idx is not None else contiguous_g_idx(cols, group_size, w.device)
+    return fn(w, expand_groups(scale, idx), expand_groups(zero, idx))
+
+
 def quantize_weight_with(
     w: torch.Tensor,
     scale: torch.Tensor,
@@ -96,15 +109,7 @@ def quantize_weight_with(
     group_size: int | None,
     g_idx: torch.Tensor | None = None,
 ) -> QuantizedWeight:
-    rows, cols = w.shape
-    size = group_size or cols
-    if g_idx is None and cols % size == 0:  # equal contiguous groups: broadcast over a view, no gather
-        view = w.float().reshape(rows, cols // size, size)
-        codes = quantize(view, scale.unsqueeze(-1), None if zero is None else zero.unsqueeze(-1), bits)
-        codes = codes.reshape(rows, cols)
-    else:
-        idx = g_idx if g_idx is not None else contiguous_g_idx(cols, group_size, w.device)
-        codes = quantize(w.float(), expand_groups(scale, idx), expand_groups(zero, idx), bits)
+    codes = per_group(lambda x, s, z: quantize(x, s, z, bits), w.float(), scale, zero, group_size, g_idx)
     return QuantizedWeight(
         codes=codes.to(torch.int8), scale=scale.float(), zero=None if zero is None else zero.float(),
         bits=bits, group_size=group_size, g_idx=g_idx,

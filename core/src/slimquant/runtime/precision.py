@@ -64,11 +64,6 @@ def calibration_precision(dtype: torch.dtype | None, device: torch.device):
     return torch.autocast(device.type, dtype=dtype)
 
 
-@contextlib.contextmanager
 def full_precision(device: torch.device):
-    """Autocast off for the block (e.g. for measuring an error in the model's own dtype)."""
-    if not torch.is_autocast_enabled(device.type):
-        yield
-        return
-    with torch.autocast(device.type, enabled=False):
-        yield
+    """Autocast off for the block: what plugin hooks run in."""
+    return torch.autocast(device.type, enabled=False)
