@@ -84,6 +84,8 @@ def quantize_command(
     num_samples: Annotated[Optional[int], typer.Option(help="calibration samples")] = None,
     seqlen: Annotated[Optional[int], typer.Option(help="tokens per calibration sample")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda[:i], npu[:i]")] = None,
+    lazy: Annotated[bool, typer.Option(
+        help="read the safetensors checkpoint a decoder layer at a time and write the output as it goes")] = False,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="output directory")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing output directory")] = False,
     save_type: Annotated[Optional[list[str]], typer.Option(
@@ -111,7 +113,7 @@ def quantize_command(
         job = QuantizeJob.from_cli(
             recipe=recipe, model=model, scheme=scheme, w_bits=w_bits, group_size=group_size, w_sym=w_sym,
             algorithms=algorithm, ignore=ignore, calib_file=calib_file, num_samples=num_samples, seqlen=seqlen,
-            device=device, output=output, overwrite=overwrite, save_type=save_type,
+            device=device, lazy=lazy, output=output, overwrite=overwrite, save_type=save_type,
             part_file_size=part_file_size, eval_text=eval_text, eval_windows=eval_windows,
             eval_window=eval_window, kl_samples=kl_samples, layer_report=layer_report, plot_dir=plot, resume=resume,
             checkpoint_dir=checkpoint_dir, keep_checkpoint=keep_checkpoint)

@@ -41,6 +41,16 @@ A plugin is a class with:
       the input channels (``QuantizedWeight.g_idx``: GPTQ's act order with groups formed during the sweep). The
       runtime records it in ``LinearPlan.permuted_groups`` (for group strategies), so that an exporter's ``check``
       can refuse, before any model is loaded, a format that holds contiguous groups only (gguf).
+  ``distributed: bool`` (default False)
+      True when a run on several processes (torch.distributed, ``slimquant.runtime.distributed``) gives what one
+      process would: every statistic the plugin keeps in ``ctx.state`` is a ``slimquant.stats.Statistic`` (the
+      runtime combines them after each observation pass) and it searches nothing on the calibration data one
+      process holds (``ctx.block_inputs`` differ between processes). A run on several processes refuses plugins
+      that do not declare it.
+  ``row_parallel: bool`` (default False)
+      True when ``quantize_weight`` quantizes only ``module.weight[ctx.row_block(name)]`` and returns the
+      ``QuantizedWeight`` of those rows (rows independent given the statistics: round to nearest, GPTQ). On several
+      processes each then quantizes its block and the runtime gathers them; in one process the block is every row.
   ``aliases: dict[str, str]`` (default empty)
       The names other tools give this algorithm, for slimquant's compatibility APIs: keys
       ``"msmodelslim.w_method"``, ``"msmodelslim.anti_method"``, ``"msmodelslim.sparse"`` (value ``"co_sparse"``:

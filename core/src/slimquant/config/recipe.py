@@ -25,6 +25,8 @@ class ModelSpec(BaseModel):
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     device: DeviceName = Field("auto", description="work device: auto, cpu, cuda[:i], npu[:i]")
     trust_remote_code: bool = False
+    lazy: bool = Field(False, description="read a safetensors checkpoint one decoder layer at a time and write the "
+                                          "output as it goes: neither model is ever whole in memory")
 
     @field_validator("device")
     @classmethod

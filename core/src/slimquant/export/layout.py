@@ -186,14 +186,19 @@ def _add_linear(layout: Layout, name: str, module: FakeQuantLinear, kind: str, p
         layout.linears[name]["sparsity"] = qw.sparsity
 
 
-def float_tensor_names(model: nn.Module) -> list[str]:
-    """The state-dict keys `model` has in float: a quantized Linear counts as `<name>.weight` (and its bias)."""
-    fakes = {n for n, m in model.named_modules() if isinstance(m, FakeQuantLinear)}
+def float_tensor_names(model: nn.Module, prefix: str = "") -> list[str]:
+    """The state-dict keys `model` has in float: a quantized Linear counts as `<name>.weight` (and its bias).
+    `prefix` is the module's own name when it is part of a model (a decoder layer's "model.layers.3")."""
+    fakes = {n for n, m in model.named_modules(prefix=prefix) if isinstance(m, FakeQuantLinear)}
     names = []
-    for key in model.state_dict(keep_vars=True):
+    for key in model.state_dict(prefix=_dotted(prefix), keep_vars=True):
         owner, _, leaf = key.rpartition(".")
         names.append(f"{owner}.weight" if owner in fakes and leaf != "bias" else key)
     return list(dict.fromkeys(names))
+
+
+def _dotted(prefix: str) -> str:
+    return f"{prefix}." if prefix else ""
 
 
 def _architecture(model: nn.Module) -> tuple[str | None, list[str] | None]:
@@ -206,10 +211,9 @@ def _storage_key(t: torch.Tensor):
     return (t.device.type, t.data_ptr(), t.dtype, tuple(t.shape), t.stride()) if t.numel() else None
 
 
-def build_layout(model: nn.Module, linear_types: dict[str, str] | None = None, pack: bool = True) -> Layout:
-    fakes = {n: m for n, m in model.named_modules() if isinstance(m, FakeQuantLinear)}
+def _check_linear_types(fakes: dict[str, FakeQuantLinear], linear_types: dict[str, str]) -> None:
     kinds = {n: linear_type(m) for n, m in fakes.items()}
-    for name, kind in (linear_types or {}).items():
+    for name, kind in linear_types.items():
         if kind == "FLOAT":
             if name in fakes:
                 raise OutputError(f"linear_types says {name} is FLOAT, but the model holds it quantized "
@@ -220,18 +224,32 @@ def build_layout(model: nn.Module, linear_types: dict[str, str] | None = None, p
                               "(was the model quantized with this report?)")
         if kinds[name] not in (kind, kind + SPARSE_SUFFIX):  # the plan's scheme does not know of pruning
             raise OutputError(f"{name}: linear_types says {kind}, the quantized Linear is {kinds[name]}")
+
+
+def build_layout(model: nn.Module, linear_types: dict[str, str] | None = None, pack: bool = True) -> Layout:
+    fakes = {n: m for n, m in model.named_modules() if isinstance(m, FakeQuantLinear)}
+    _check_linear_types(fakes, linear_types or {})
     model_type, architectures = _architecture(model)
-    layout = Layout(model_type=model_type, architectures=architectures, float_tensors=float_tensor_names(model))
-    counts = Counter(kinds.values())
-    if counts:
-        layout.model_quant_type = counts.most_common(1)[0][0]
-    seen: dict[tuple, str] = {}
-    state = model.state_dict(keep_vars=True)
-    for key, tensor in state.items():
-        prefix = key.rpartition(".")[0]
-        if prefix in fakes:
-            if prefix not in layout.linears:
-                _add_linear(layout, prefix, fakes[prefix], kinds[prefix], pack)
+    layout = Layout(model_type=model_type, architectures=architectures)
+    add_module(layout, model, pack=pack)
+    finish_quant_type(layout)
+    layout.kv_cache, cache = kv_cache.cache_tensors(model)
+    for key, tensor in cache.items():
+        layout.add(key, tensor, kv_cache.cache_type(layout.kv_cache["bits"]))
+    return layout
+
+
+def add_module(layout: Layout, module: nn.Module, prefix: str = "", pack: bool = True,
+               seen: dict[tuple, str] | None = None) -> None:
+    """Add `module`'s tensors (named under `prefix`, its name in the model) to `layout`: quantized Linears in their
+    stored form, everything else as FLOAT; a tensor sharing storage with one already in `seen` is listed as tied."""
+    fakes = {n: m for n, m in module.named_modules(prefix=prefix) if isinstance(m, FakeQuantLinear)}
+    seen = {} if seen is None else seen
+    for key, tensor in module.state_dict(prefix=_dotted(prefix), keep_vars=True).items():
+        owner = key.rpartition(".")[0]
+        if owner in fakes:
+            if owner not in layout.linears:
+                _add_linear(layout, owner, fakes[owner], linear_type(fakes[owner]), pack)
             continue
         storage = _storage_key(tensor)
         if storage is not None and storage in seen:
@@ -240,10 +258,14 @@ def build_layout(model: nn.Module, linear_types: dict[str, str] | None = None, p
         if storage is not None:
             seen[storage] = key
         layout.add(key, tensor, "FLOAT")
-    layout.kv_cache, cache = kv_cache.cache_tensors(model)
-    for key, tensor in cache.items():
-        layout.add(key, tensor, kv_cache.cache_type(layout.kv_cache["bits"]))
-    return layout
+    layout.float_tensors += float_tensor_names(module, prefix)
+
+
+def finish_quant_type(layout: Layout) -> None:
+    """The model's type: the most common type of its quantized Linears (FLOAT when there is none)."""
+    counts = Counter(linear["type"] for linear in layout.linears.values())
+    if counts:
+        layout.model_quant_type = counts.most_common(1)[0][0]
 
 
 def description(layout: Layout, files: dict[str, str]) -> dict:

@@ -20,10 +20,10 @@ NPZ_OF_SUFFIX = {"weight": "quant_weight.npz"}  # msModelSlim's quant_weight.npy
 
 def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
     save_file(_unshared(tensors), str(path), metadata={"format": "pt"})
-    path.chmod(0o666 & ~_umask())  # safetensors creates files 0600; give them the permissions of the other files
+    path.chmod(0o666 & ~process_umask())  # safetensors creates files 0600; give them the permissions of the other files
 
 
-def _umask() -> int:
+def process_umask() -> int:
     """The process umask, read without setting it (os.umask would change it for every thread for a moment)."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():

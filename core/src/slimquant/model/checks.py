@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from slimquant.errors import CalibrationError, ModelStructureError
+from slimquant.errors import CalibrationError, ModelStructureError, NonFiniteError
 
 POSITION_LIMIT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
 
@@ -71,3 +71,11 @@ def check_samples(samples: list[torch.Tensor], model: nn.Module) -> None:
             raise CalibrationError(f"calibration sample {i} holds token id {bad}, outside the model's vocabulary "
                                    f"of {vocab} (was it tokenized for another model?)")
         check_sequence_length(model.config, ids.shape[-1], f"calibration sample {i}")
+
+
+def check_finite(tensor: torch.Tensor, what: str) -> None:
+    if torch.isfinite(torch.sum(tensor, dtype=torch.float32)):  # one NaN/Inf anywhere makes the sum non-finite
+        return
+    bad = (~torch.isfinite(tensor)).sum().item()  # or the sum overflowed: count for certain
+    if bad:
+        raise NonFiniteError(f"{what} holds {bad} NaN/Inf value(s)")

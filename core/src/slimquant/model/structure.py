@@ -35,13 +35,17 @@ def set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
 
 def normalize_linears(model: nn.Module) -> None:
     """Rewrite GPT-2 Conv1D as nn.Linear and fused MoE expert tensors as per-expert Linears (equivalent)."""
-    layers_prefix, _ = find_decoder_layers(model)
-    for name, module in list(model.named_modules()):
-        if not name.startswith(layers_prefix + "."):
-            continue
-        if _is_conv1d(module):
-            set_submodule(model, name, conv1d_to_linear(module))
-    unfuse_experts(model)
+    _, layers = find_decoder_layers(model)
+    for layer in layers:
+        normalize_layer(layer)
+
+
+def normalize_layer(layer: nn.Module) -> None:
+    """`normalize_linears` for one decoder layer."""
+    for name, module in list(layer.named_modules()):
+        if name and _is_conv1d(module):
+            set_submodule(layer, name, conv1d_to_linear(module))
+    unfuse_experts(layer)
 
 
 def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:

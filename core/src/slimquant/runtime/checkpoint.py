@@ -113,9 +113,10 @@ class Checkpoint:
                 raise CheckpointError(f"checkpoint file {path} is corrupt or truncated (its sha256 differs from "
                                       f"{MANIFEST}); delete {self.directory} to start over")
 
-    def restore_layer(self, index: int, layer: nn.Module) -> None:
+    def restore_layer(self, index: int, layer: nn.Module, assign: bool = False) -> None:
+        """Layer `index` as it was finished; assign=True fills a meta-device skeleton with the saved tensors."""
         entry = self.finished[index]
-        restore_layer_state(layer, _read_tensors(self.directory / entry["file"]), entry["state"])
+        restore_layer_state(layer, _read_tensors(self.directory / entry["file"]), entry["state"], assign)
 
     def hidden(self) -> list[torch.Tensor] | None:
         entry = self.manifest["hidden"]

@@ -55,6 +55,8 @@ class LayerContext:
     grid_of: Callable[[LinearPlan], object] | None = None  # the runtime's: a plan's WeightGrid from its provider
     # the calibration passes' precision (slimquant.runtime.precision), also for block_inputs, linear_inputs, run_block
     precision: Callable[[], AbstractContextManager] = contextlib.nullcontext
+    # the runtime's: which rows of a Linear this process quantizes (all of them unless several processes split it)
+    row_blocks: Callable[[str, int], slice] | None = None
 
     def state(self, plugin: str) -> dict:
         """A plugin's private store for this layer: kept across the layer's smoothing, observation and quantize
@@ -63,6 +65,12 @@ class LayerContext:
 
     def clear_state(self) -> None:
         self._state.clear()
+
+    def row_block(self, name: str) -> slice:
+        """The rows of Linear `name` a row_parallel plugin's quantize_weight quantizes and returns: all of them in a
+        single process; this process's block when several split the Linear (slimquant.runtime.distributed)."""
+        rows = self.module(name).out_features
+        return slice(0, rows) if self.row_blocks is None else self.row_blocks(name, rows)
 
     def plan(self, name: str) -> LinearPlan | None:
         return self.plans.get(name)

@@ -66,9 +66,12 @@ def versions(algorithms: AlgorithmPlan) -> dict[str, str]:
 
 
 def run_fingerprint(model: nn.Module, recipe: Recipe, samples: list[torch.Tensor] | None,
-                    algorithms: AlgorithmPlan, pass_dtype: torch.dtype | None = None) -> dict:
-    """`pass_dtype`: what calibration_dtype resolved to on this machine (`auto` may differ between machines)."""
-    return {"model": model_hash(model), "recipe": recipe_hash(recipe), "samples": samples_hash(samples),
+                    algorithms: AlgorithmPlan, pass_dtype: torch.dtype | None = None,
+                    model_digest: str | None = None) -> dict:
+    """`pass_dtype`: what calibration_dtype resolved to on this machine (`auto` may differ between machines).
+    `model_digest` stands for `model_hash(model)` when the weights are not in memory (lazy loading hashes the
+    checkpoint's files instead)."""
+    return {"model": model_digest or model_hash(model), "recipe": recipe_hash(recipe), "samples": samples_hash(samples),
             "versions": versions(algorithms), "precision": _precision_name(pass_dtype)}
 
 

@@ -59,8 +59,9 @@ def _rebuild_fake(tensors: dict[str, torch.Tensor], meta: dict) -> FakeQuantLine
     return FakeQuantLinear(qweight, get("bias"), act, compute_dtype=getattr(torch, meta["compute_dtype"]))
 
 
-def restore_layer_state(layer: nn.Module, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    """Turn a float layer (as loaded) into the finished layer `layer_state` recorded; strict: every tensor must fit."""
+def restore_layer_state(layer: nn.Module, tensors: dict[str, torch.Tensor], meta: dict, assign: bool = False) -> None:
+    """Turn a float layer (as loaded) into the finished layer `layer_state` recorded; strict: every tensor must fit.
+    assign=True puts the saved tensors in place of the layer's own (which may be on the meta device)."""
     for name, fake_meta in meta["fake_linears"].items():
         prefix = f"{name}."
         own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
@@ -72,4 +73,4 @@ def restore_layer_state(layer: nn.Module, tensors: dict[str, torch.Tensor], meta
         module = layer.get_submodule(owner) if owner else layer
         if leaf == "bias" and isinstance(module, nn.Linear) and module.bias is None:
             ensure_bias(module)
-    layer.load_state_dict(tensors, strict=True)
+    layer.load_state_dict(tensors, strict=True, assign=assign)

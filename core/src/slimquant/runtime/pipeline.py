@@ -11,15 +11,16 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from slimquant.config.recipe import Recipe
-from slimquant.errors import CalibrationError, CheckpointError, NonFiniteError, PluginError, RecipeError
-from slimquant.model.checks import check_samples
+from slimquant.config.scheme import Strategy
+from slimquant.errors import CalibrationError, CheckpointError, PluginError, RecipeError
+from slimquant.model.checks import check_finite, check_samples
 from slimquant.model.structure import (
     find_decoder_layers,
     float_module_names,
@@ -27,14 +28,14 @@ from slimquant.model.structure import (
     normalize_linears,
     set_submodule,
 )
-from slimquant.plugins import AlgorithmPlan, plan_algorithms
+from slimquant.plugins import AlgorithmPlan, plan_algorithms, row_parallel, runs_distributed
 from slimquant.quant.actparams import ActQParams
 from slimquant.quant.fake_linear import FakeQuantLinear, materialized_weights
 from slimquant.quant.grid import WeightGrid
 from slimquant.quant.qweight import QuantizedWeight
 from slimquant.quant.scale_rounding import float16_scales
 from slimquant.quant.two_level import two_level_grid
-from slimquant.runtime import kv_attention
+from slimquant.runtime import distributed, kv_attention
 from slimquant.runtime.cache_pass import check_cache_plan, quantize_layer_cache
 from slimquant.runtime.catcher import catch_layer_inputs
 from slimquant.runtime.checkpoint import Checkpoint
@@ -43,6 +44,7 @@ from slimquant.runtime.fingerprint import run_fingerprint
 from slimquant.runtime.linear_error import measure_linear_errors
 from slimquant.runtime.plan import LinearPlan, check_group_sizes, plan_linears
 from slimquant.runtime.precision import calibration_precision, full_precision, resolve_calibration_dtype
+from slimquant.stats import Statistic
 
 if TYPE_CHECKING:
     from slimquant.budget import BudgetReport
@@ -75,16 +77,30 @@ class QuantizationReport:
         return {n: ("FLOAT" if p is None else p.scheme.type_name) for n, p in self.plans.items()}
 
 
+class LayerSource(Protocol):
+    """Where decoder layers come from and go to when the model is never whole in memory (`slimquant.lazy`):
+    the runtime's model then holds meta-device skeletons, and each part is read when its turn comes."""
+
+    def load_outer(self, device: torch.device) -> None:
+        """Read what runs before the first decoder layer (embeddings), for catching its inputs."""
+
+    def release_outer(self) -> None: ...
+
+    def load_layer(self, index: int, device: torch.device) -> nn.Module:
+        """Read decoder layer `index` onto `device`, in place of its skeleton in the model's layer list."""
+
+    def finish_layer(self, index: int, layer: nn.Module) -> None:
+        """The layer is quantized and has fed the next one: save it, and put its skeleton back."""
+
+    def empty_layer(self, index: int) -> nn.Module:
+        """A meta-device copy of layer `index`'s skeleton in its place, for a resume checkpoint to fill."""
+
+    def model_digest(self) -> str:
+        """A sha256 of the model this source reads (the resume fingerprint's model part)."""
+
+
 class _AllObserved(Exception):
     """Stops a layer's forward once every Linear of an observation pass has seen its input."""
-
-
-def _check_finite(tensor: torch.Tensor, what: str) -> None:
-    if torch.isfinite(torch.sum(tensor, dtype=torch.float32)):  # one NaN/Inf anywhere makes the sum non-finite
-        return
-    bad = (~torch.isfinite(tensor)).sum().item()  # or the sum overflowed: count for certain
-    if bad:
-        raise NonFiniteError(f"{what} holds {bad} NaN/Inf value(s)")
 
 
 def _checked_qweight(result, plugin: str, name: str, module: nn.Module) -> QuantizedWeight:
@@ -107,10 +123,24 @@ def _same_codebook(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
     return a.shape == b.shape and torch.equal(a.float().cpu(), b.float().cpu())
 
 
+def _statistics(value):
+    """The Statistic objects in a plugin's layer state (nested in dicts, lists and tuples)."""
+    if isinstance(value, Statistic):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _statistics(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _statistics(item)
+
+
 class LayerwiseQuantizer:
     def __init__(self, model: nn.Module, recipe: Recipe, device: torch.device,
-                 algorithms: AlgorithmPlan | None = None, smooth_only: bool = False):
+                 algorithms: AlgorithmPlan | None = None, smooth_only: bool = False,
+                 source: LayerSource | None = None):
         self.model = model
+        self.source = source
         self.smooth_only = smooth_only  # run the smoothers, leave every Linear in float
         self.recipe = recipe
         self.device = device
@@ -134,10 +164,44 @@ class LayerwiseQuantizer:
         self.pass_dtype = resolve_calibration_dtype(recipe.runtime.calibration_dtype, _float_dtype(self.layers[0]),
                                                     device, weight_only)
         self._grids: dict[tuple, WeightGrid | None] = {}
+        self.ranks = distributed.current()
+        if self.ranks.several:
+            self._check_distributed()
         if self.check_finite:  # every tensor that will be saved, not only those calibration reaches
             for name, tensor in model.state_dict().items():
-                if tensor.is_floating_point():
-                    _check_finite(tensor, name)
+                if tensor.is_floating_point() and not tensor.is_meta:  # a source's layers are checked when read
+                    check_finite(tensor, name)
+
+    def _check_distributed(self) -> None:
+        problems = [f"plugin {name!r} does not declare that it runs on several processes (its statistics or "
+                    "searches are per process)" for name, plugin in self.plugins.plugins.items()
+                    if not runs_distributed(plugin)]
+        if self.source is not None:
+            problems.append("lazy loading runs in one process")
+        if self.recipe.runtime.checkpoint_dir is not None:
+            problems.append("resume checkpoints are written by one process: leave out runtime.checkpoint_dir")
+        if self.algorithms.cache is not None:
+            problems.append("a quantized attention cache is calibrated in one process")
+        if problems:
+            raise RecipeError(f"this run has {self.ranks.size} processes (torch.distributed), but:\n  "
+                              + "\n  ".join(problems) + "\nrun a single process")
+
+    def _row_blocks(self, name: str, rows: int) -> slice:
+        plan = self.plans[name]
+        if (self.ranks.several and row_parallel(self.plugins.get(plan.weight_algorithm))
+                and plan.scheme.weights.strategy != Strategy.TENSOR):  # a tensor-wide scale ties every row
+            return self.ranks.row_block(rows)
+        return slice(0, rows)
+
+    def _reduce_statistics(self, ctx: LayerContext) -> None:
+        """Every process's statistics of this layer combined, as each Statistic class declares (once each)."""
+        if not self.ranks.several:
+            return
+        for plugin, state in ctx._state.items():
+            for stat in _statistics(state):
+                if not any(stat is done for done in self._reduced):
+                    distributed.reduce_statistic(stat, self.device, plugin)
+                    self._reduced.append(stat)
 
     def _check_linears(self, linears: dict[str, nn.Linear]) -> None:
         """Each plugin's plan-time check on every Linear it will quantize, with its real shape, before calibration."""
@@ -169,8 +233,9 @@ class LayerwiseQuantizer:
         return calibration_precision(self.pass_dtype, self.device)
 
     def _layer_context(self, index: int, prefix: str, layer: nn.Module, linears: dict, inputs) -> LayerContext:
+        self._reduced: list = []  # this layer's statistics already combined across processes
         return LayerContext(index, prefix, layer, self.device, linears, {n: self.plans.get(n) for n in linears},
-                            inputs, grid_of=self.grid, precision=self._precision)
+                            inputs, grid_of=self.grid, precision=self._precision, row_blocks=self._row_blocks)
 
     # -- passes ------------------------------------------------------------------------------------------
 
@@ -183,7 +248,7 @@ class LayerwiseQuantizer:
 
         def observe(name, observers, module, x, output):
             if self.check_finite:
-                _check_finite(x, f"input activation of {name}")
+                check_finite(x, f"input activation of {name}")
             if self.pass_dtype is not None:  # what the Linear multiplies under autocast (a norm's output is float32)
                 if converted[0] is not x:  # q/k/v read one tensor: convert it once, so it stays one tensor
                     converted[:] = [x, x.to(self.pass_dtype)]
@@ -243,6 +308,9 @@ class LayerwiseQuantizer:
             raise PluginError(f"{name}: plugin {algorithm!r} built an invalid QuantizedWeight: {exc}") from exc
         if result is None:
             raise PluginError(f"{name}: plugin {algorithm!r} has no quantize_weight hook")
+        rows = module.out_features
+        if isinstance(result, QuantizedWeight) and self._row_blocks(name, rows) != slice(0, rows):
+            result = distributed.gather_rows(result, rows, self.ranks, algorithm, name)
         qweight = _checked_qweight(result, algorithm, name, module)
         grid = self.grid(plan) if plan.grid_algorithm else None
         if grid is not None and not _same_codebook(qweight.codebook, grid.codebook):
@@ -251,7 +319,7 @@ class LayerwiseQuantizer:
         if plan.scheme.weights.scale_dtype == "float16":
             qweight = float16_scales(qweight)
         if self.check_finite:
-            _check_finite(qweight.scale, f"{name} weight scale")
+            check_finite(qweight.scale, f"{name} weight scale")
         ctx.qweights[name] = qweight
         act = None
         if plan.scheme.activations is not None:
@@ -285,6 +353,11 @@ class LayerwiseQuantizer:
                                        "smooth): give samples")
             return self._run_data_free()
         check_samples(samples, self.model)
+        if self.ranks.several:  # each process calibrates on its share
+            if len(samples) < self.ranks.size:
+                raise CalibrationError(f"{len(samples)} calibration samples for {self.ranks.size} processes: give "
+                                       "at least one per process")
+            samples = samples[self.ranks.rank::self.ranks.size]
         report = QuantizationReport(plans=dict(self.plans))
         if self.pass_dtype is not None:
             report.calibration_dtype = str(self.pass_dtype).removeprefix("torch.")
@@ -301,6 +374,7 @@ class LayerwiseQuantizer:
             report.layers.append(layer_report)
             if checkpoint is not None:
                 self._save_checkpoint(checkpoint, index, [hidden_of_input(i) for i in inputs], report)
+            self._finish_layer(index)
             log.info("layer %d/%d: %.2fs, output error %.3e, %d quantized, %d float", index + 1,
                      len(self.layers), layer_report.seconds, layer_report.output_rel_error,
                      layer_report.quantized, layer_report.kept_float)
@@ -317,7 +391,7 @@ class LayerwiseQuantizer:
         for index in tqdm(range(len(report.layers), len(self.layers)), desc="layers",
                           disable=not self.recipe.runtime.progress, leave=False):
             started = time.perf_counter()
-            layer = self.layers[index].to(self.device)
+            layer = self._load_layer(index)
             prefix = f"{self.prefix}.{index}"
             linears = layer_linears(layer, prefix)
             quantized = [n for n in linears if self.plans.get(n) is not None]
@@ -327,12 +401,11 @@ class LayerwiseQuantizer:
                 self._quantize_linear(ctx, name, self.plans[name], linears[name], layer, prefix)
             if self.algorithms.cache is not None:  # dynamic only: a static cache needs data
                 quantize_layer_cache(ctx, self.algorithms)
-            if self.recipe.runtime.offload_layers and self.device.type != "cpu":
-                self.layers[index].to("cpu")
             report.layers.append(LayerReport(index, time.perf_counter() - started, 0.0, len(quantized),
                                              len(linears) - len(quantized)))
             if checkpoint is not None:
                 self._save_checkpoint(checkpoint, index, None, report)
+            self._finish_layer(index)
         report.seconds = time.perf_counter() - start
         return report
 
@@ -345,7 +418,8 @@ class LayerwiseQuantizer:
         if self.algorithms.cache is not None:
             raise CheckpointError("resume checkpoints do not hold a quantized attention cache yet: leave out "
                                   "kv_cache or runtime.checkpoint_dir")
-        fingerprint = run_fingerprint(self.model, self.recipe, samples, self.algorithms, self.pass_dtype)
+        digest = self.source.model_digest() if self.source is not None else None
+        fingerprint = run_fingerprint(self.model, self.recipe, samples, self.algorithms, self.pass_dtype, digest)
         checkpoint = Checkpoint.start(runtime.checkpoint_dir, fingerprint, len(self.layers), runtime.resume)
         if not runtime.keep_checkpoint:
             report.checkpoint = checkpoint.directory
@@ -354,9 +428,14 @@ class LayerwiseQuantizer:
     def _resume(self, checkpoint: Checkpoint, report: QuantizationReport) -> list[torch.Tensor] | None:
         """Put back the layers an earlier run finished; return the hidden states that feed the next one."""
         for index, entry in enumerate(checkpoint.finished):
-            checkpoint.restore_layer(index, self.layers[index])
-            if not self.recipe.runtime.offload_layers:
-                self.layers[index].to(self.device)
+            if self.source is not None:  # written to the output again, as if just quantized
+                layer = self.source.empty_layer(index)
+                checkpoint.restore_layer(index, layer, assign=True)
+                self.source.finish_layer(index, layer)
+            else:
+                checkpoint.restore_layer(index, self.layers[index])
+                if not self.recipe.runtime.offload_layers:
+                    self.layers[index].to(self.device)
             report.layers.append(LayerReport(**entry["report"]))
             report.linear_errors.update(entry["linear_errors"])
         report.resumed_layers = len(checkpoint.finished)
@@ -370,6 +449,13 @@ class LayerwiseQuantizer:
         checkpoint.save_layer(index, self.layers[index], hidden, asdict(report.layers[-1]), errors)
 
     def _catch(self, samples):
+        if self.source is not None:
+            self.source.load_outer(self.device)
+            try:
+                return catch_layer_inputs(self.model, self.layers, samples, self.device,
+                                          self.recipe.runtime.progress, self.recipe.runtime.batch_tokens)
+            finally:
+                self.source.release_outer()
         if self.device.type != "cpu":  # everything but the decoder layers goes to the work device
             for module in self.model.children():
                 module.to(self.device)
@@ -386,12 +472,29 @@ class LayerwiseQuantizer:
         ctx.phase = "smooth"
         for smoother in self.algorithms.smoothers:  # each sees the layer as the previous one left it
             self._observe_pass(ctx, {n: [smoother] for n in quantized})
+            self._reduce_statistics(ctx)
             self.plugins.call(smoother, "smooth", ctx=ctx)
             ctx._trace = None  # the rewrite may have changed what the trace recorded (biases, scales)
 
+    def _load_layer(self, index: int) -> nn.Module:
+        if self.source is None:
+            return self.layers[index].to(self.device)
+        layer = self.source.load_layer(index, self.device)
+        if self.check_finite:
+            for name, tensor in layer.state_dict(prefix=f"{self.prefix}.{index}.").items():
+                if tensor.is_floating_point():
+                    check_finite(tensor, name)
+        return layer
+
+    def _finish_layer(self, index: int) -> None:
+        if self.source is not None:
+            self.source.finish_layer(index, self.layers[index])
+        elif self.recipe.runtime.offload_layers and self.device.type != "cpu":
+            self.layers[index].to("cpu")
+
     def _run_layer(self, index: int, inputs, linear_errors: dict[str, float]):
         started = time.perf_counter()
-        layer = self.layers[index].to(self.device)
+        layer = self._load_layer(index)
         prefix = f"{self.prefix}.{index}"
         linears = layer_linears(layer, prefix)
         ctx = self._layer_context(index, prefix, layer, linears, inputs)
@@ -404,8 +507,6 @@ class LayerwiseQuantizer:
             with self._precision():
                 outs = ctx.run_layer()
             ctx.clear_state()
-            if self.recipe.runtime.offload_layers and self.device.type != "cpu":
-                self.layers[index].to("cpu")
             return ([with_hidden(inp, out) for inp, out in zip(inputs, outs, strict=True)],
                     LayerReport(index, time.perf_counter() - started, 0.0, 0, len(linears)))
 
@@ -417,6 +518,7 @@ class LayerwiseQuantizer:
             if any(observers.values()):
                 outs = self._observe_pass(ctx, observers, keep=k if float_out is None else 0)
                 float_out = float_out if float_out is not None else outs
+                self._reduce_statistics(ctx)
             elif float_out is None:
                 with self._precision():
                     float_out = ctx.run_layer(inputs[:k])
@@ -433,17 +535,18 @@ class LayerwiseQuantizer:
             with measure_linear_errors(fakes, ctx.linears, into=linear_errors, rows=self.recipe.runtime.error_samples):
                 quant_out = ctx.run_layer(inputs[:k])
             num = sum(float((q - f).float().pow(2).sum()) for q, f in zip(quant_out, float_out, strict=True))
-            den = sum(float(f.float().pow(2).sum()) for f in float_out) or 1.0
+            den = sum(float(f.float().pow(2).sum()) for f in float_out)
+            if self.ranks.several:
+                num, den = distributed.all_sum([num, den], self.device)
+            den = den or 1.0
             del float_out
             next_inputs = inputs  # filled in place, so only one set of hidden states is alive at a time
             for i, inp in enumerate(inputs):
                 out = quant_out[i] if i < k else ctx.run_layer([inp])[0]
                 if self.check_finite:
-                    _check_finite(out, f"output of decoder layer {prefix} after quantization")
+                    check_finite(out, f"output of decoder layer {prefix} after quantization")
                 next_inputs[i] = with_hidden(inp, out)
             del quant_out
         ctx.clear_state()
-        if self.recipe.runtime.offload_layers and self.device.type != "cpu":
-            self.layers[index].to("cpu")
         return next_inputs, LayerReport(index, time.perf_counter() - started, num / den, len(quantized),
                                         len(linears) - len(quantized))

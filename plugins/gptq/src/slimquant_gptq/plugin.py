@@ -37,6 +37,8 @@ class GPTQPlugin:
     requires_calibration_data = True  # the Hessian of each Linear's inputs
     observes_output = False  # observe reads the Linear's input only
     accepts_weight_grid = True  # [nf4, gptq]: GPTQ's error feedback onto the plan's grid (ctx.grid)
+    distributed = True  # its Hessians are Statistics: summed over processes
+    row_parallel = True  # rows are independent given H: each process sweeps its block (ctx.row_block)
     aliases = {"msmodelslim.w_method": "GPTQ"}
 
     def __init__(self, config: GPTQConfig):
@@ -74,7 +76,7 @@ class GPTQPlugin:
         hessian = state.pop(name, None)
         if hessian is None or hessian.tokens == 0:  # e.g. an MoE expert the router never chose
             log.info("%s: no calibration token reached it; rounding to nearest instead of GPTQ", name)
-            w = module.weight.detach().float()
+            w = module.weight.detach()[ctx.row_block(name)].float()
             if grid is not None:
                 ratio = search_clip_ratio(w, args.bits, True, group_size, weight_grid=grid) if c.mse else 1.0
                 return round_to_nearest(w, args, ratio, grid)
@@ -82,15 +84,15 @@ class GPTQPlugin:
             return quantize_weight_with(w, scale, zero, args.bits, group_size)
         siblings = [] if grid is not None else _siblings(ctx, state, name, hessian, args)
         if not siblings:
-            return gptq_quantize(module.weight, hessian.hessian, settings, name, grid)
+            return gptq_quantize(module.weight[ctx.row_block(name)], hessian.hessian, settings, name, grid)
         # Linears reading one input (q/k/v, gate/up) share H, and GPTQ treats rows independently given H: one sweep
         # over their stacked rows gives each the codes it would get alone, with a third of the column loops.
         for sibling in siblings:
             state.pop(sibling)
-        modules = [module, *(ctx.module(n) for n in siblings)]
-        stacked = torch.cat([m.weight.detach() for m in modules])
-        result = gptq_quantize(stacked, hessian.hessian, settings, name, grid)
-        parts = split_rows(result, [m.out_features for m in modules])
+        blocks = [module.weight.detach()[ctx.row_block(name)],
+                  *(ctx.module(n).weight.detach()[ctx.row_block(n)] for n in siblings)]
+        result = gptq_quantize(torch.cat(blocks), hessian.hessian, settings, name, grid)
+        parts = split_rows(result, [len(b) for b in blocks])
         done.update(zip(siblings, parts[1:], strict=True))
         return parts[0]
 

@@ -38,6 +38,7 @@ class SmoothQuantPlugin:
     Config = SmoothQuantConfig
     requires_calibration_data = True  # its scales come from activation ranges
     observes_output = False  # observe reads the Linear's input only
+    distributed = True  # its channel ranges are Statistics (min/max over processes)
     aliases = {"msmodelslim.anti_method": "m1", "paddleslim": "Smooth"}
 
     def __init__(self, config: SmoothQuantConfig):
