@@ -6,6 +6,11 @@ loading the model); perplexity is measured afterwards on the saved outputs by `s
 16 x 2048 windows, all threads), and the saved tensors of the two runs are compared.
 
     python bench/bench_distributed.py [--processes 2]
+    python bench/bench_distributed.py --exact    # act order off and float32 passes: compare codes only
+
+With act order, a Hessian summed in another order can tie-break its diagonal differently and permute the columns
+differently, so the codes of the two runs differ while their accuracy does not; --exact shows that the codes are
+the same once the order is fixed.
 """
 
 from __future__ import annotations
@@ -24,12 +29,20 @@ from common import CALIB_SAMPLES, CALIB_SEQLEN, DATA, EVAL_WINDOW, EVAL_WINDOWS,
 WORK = OUT / "distributed"
 
 
-def quantize(output: Path, processes: int) -> float:
+EXACT_RECIPE = """scheme: W4A16
+weights: {bits: 4, group_size: 64, symmetric: false}
+algorithms: [{name: gptq, act_order: false}]
+runtime: {calibration_dtype: model}
+"""
+
+
+def quantize(output: Path, processes: int, recipe: Path | None = None) -> float:
     launcher = [sys.executable]
     if processes > 1:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes)]
-    command = [*launcher, "-m", "slimquant", "quantize", "--model", str(ensure_fp32_cache()), "--scheme", "W4A16",
-               "-a", "gptq", "--group-size", "64", "--w-asym", "--calib-file", str(DATA / "wiki.valid.tokens"),
+    scheme = [str(recipe)] if recipe else ["--scheme", "W4A16", "-a", "gptq", "--group-size", "64", "--w-asym"]
+    command = [*launcher, "-m", "slimquant", "quantize", *scheme, "--model", str(ensure_fp32_cache()),
+               "--calib-file", str(DATA / "wiki.valid.tokens"),
                "--num-samples", str(CALIB_SAMPLES), "--seqlen", str(CALIB_SEQLEN), "--kl-samples", "0",
                "--device", "cpu", "-o", str(output)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
@@ -59,15 +72,27 @@ def compare(a: Path, b: Path) -> str:
     same = sum(int(torch.equal(ta[k], tb[k])) for k in codes)
     differing = sum(int((ta[k] != tb[k]).sum()) for k in codes)
     total = sum(ta[k].numel() for k in codes)
-    return f"{same} of {len(codes)} quantized Linears with identical codes; {differing} of {total} code bytes differ"
+    scales = [k for k in ta if k.endswith(".weight_scale")]
+    worst = max(float(((ta[k] - tb[k]).abs() / ta[k].abs().clamp_min(1e-12)).max()) for k in scales)
+    return (f"{same} of {len(codes)} quantized Linears with identical codes; {differing} of {total} code bytes "
+            f"differ; largest relative scale difference {worst:.2e}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--exact", action="store_true")
     args = parser.parse_args()
     shutil.rmtree(WORK, ignore_errors=True)
     WORK.mkdir(parents=True)
+    if args.exact:
+        recipe = WORK / "exact.yaml"
+        recipe.write_text(EXACT_RECIPE)
+        for processes in (1, args.processes):
+            seconds = quantize(WORK / f"{processes}x1", processes, recipe)
+            print(json.dumps({"processes": processes, "threads_each": 1, "quant_seconds": seconds}), flush=True)
+        print(compare(WORK / "1x1", WORK / f"{args.processes}x1"))
+        return
     rows = []
     for processes in (1, args.processes):
         output = WORK / f"{processes}x1"
