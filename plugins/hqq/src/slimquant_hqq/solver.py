@@ -39,9 +39,15 @@ class HQQSettings:
     round_zero: bool = True  # start from a rounded zero point (HQQLinear does at 4 bits); the solver's stays fractional
 
 
-def _lp_error(w: torch.Tensor, w_r: torch.Tensor, p: float, mask: torch.Tensor | None) -> torch.Tensor:
-    err = (w - w_r).abs_().pow_(p)
-    return (err if mask is None else err.mul_(mask)).sum(-1)
+def _codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    return torch.round(w / scale[:, None] + zero[:, None]).clamp_(lo, hi)
+
+
+def _lp_error(w: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, p: float,
+              mask: torch.Tensor | None) -> float:
+    """sum |W - (codes - zero) * scale|^p over the weight (masked columns left out)."""
+    err = (codes - zero[:, None]).mul_(scale[:, None]).sub_(w).abs_().pow_(p)
+    return float((err if mask is None else err.mul_(mask)).sum())
 
 
 def _grouped(w: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -93,8 +99,17 @@ def _solve(w, mask, count, inverse, zero, s: HQQSettings, lo: int, hi: int, wmin
         for rows in _chunks(w.shape[0], w.shape[1]):
             wc, inv, z = w[rows], inverse[rows, None], zero[rows, None]
             u = torch.addcmul(z, wc, inv)
-            d = u.sub(u.round().clamp_(lo, hi)).mul_(step[rows, None])  # W - W_r, W_r the dequantized weight
+            e = u.sub_(u.round().clamp_(lo, hi))  # (W - W_r) / s, W_r the dequantized weight
             bound = _error_bound(step[rows], zero[rows], inverse[rows], wmin[rows], wmax[rows], lo, hi)
+            if not s.optimize_scale and bound <= _no_shrink_below(beta, s.lp_norm):
+                # nothing is shrunk: d - W_e = d = e * s, and s is one number per group, so sum before scaling
+                if mask is not None:
+                    e.mul_(mask[rows])
+                coupled_sum = e.sum(1).mul_(step[rows])
+                new_zero[rows] = zero[rows] - inverse[rows] * (coupled_sum / (count if mask is None else count[rows]))
+                total_abs += float(e.abs_().sum(1).mul_(step[rows]).sum())
+                continue
+            d = e.mul_(step[rows, None])  # W - W_r
             coupled = _coupled_error(d, beta, s.lp_norm, bound)
             if mask is not None:
                 coupled = coupled * mask[rows]
@@ -151,15 +166,14 @@ def hqq_quantize(weight: torch.Tensor, s: HQQSettings) -> QuantizedWeight:
 
     # The weight falls back to round-to-nearest if the solver's lp error came out larger (a guarantee the reference
     # lacks; per group the solver may trade lp error between groups, which helps perplexity, so it is kept whole).
-    solved = float(_lp_error(w, _dequant(w, step, zero, lo, hi), s.lp_norm, mask).sum())
-    rounded = float(_lp_error(w, _dequant(w, rtn_scale, rtn_zero, lo, hi), s.lp_norm, mask).sum())
-    best_scale, best_zero = (step, zero) if solved <= rounded else (rtn_scale, rtn_zero)
-
-    codes = torch.round(w / best_scale[:, None] + best_zero[:, None]).clamp_(lo, hi)
+    codes = _codes(w, step, zero, lo, hi)
+    rtn_codes = _codes(w, rtn_scale, rtn_zero, lo, hi)
+    if _lp_error(w, codes, step, zero, s.lp_norm, mask) <= _lp_error(w, rtn_codes, rtn_scale, rtn_zero, s.lp_norm,
+                                                                      mask):
+        best_scale, best_zero = step, zero
+    else:
+        codes, best_scale, best_zero = rtn_codes, rtn_scale, rtn_zero
     codes = codes.reshape(rows, groups * size)[:, :cols]
     return QuantizedWeight(codes=codes.contiguous().to(torch.int8), scale=best_scale.reshape(rows, groups),
                            zero=best_zero.reshape(rows, groups), bits=s.bits, group_size=s.group_size)
 
-
-def _dequant(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-    return (torch.round(w / scale[:, None] + zero[:, None]).clamp_(lo, hi) - zero[:, None]) * scale[:, None]
