@@ -6,7 +6,7 @@ from tiny_models import ARCHS, tiny_model, token_samples
 from transformers.cache_utils import DynamicCache
 
 from slimquant.model.structure import find_decoder_layers
-from slimquant.runtime.layer_inputs import NotReplayable, stateless_input
+from slimquant.runtime.layer_inputs import NotReplayable, first_sample, stateless_input
 
 
 def _first_layer_calls(model, run):
@@ -70,3 +70,17 @@ def test_paddleslim_smooth_keeps_a_full_forward_not_a_generation_step():
     with torch.no_grad():
         after = model(ids).logits
     assert (after - reference).norm() / reference.norm() < 1e-4
+
+
+def test_first_sample_cuts_every_per_sample_tensor_and_shares_the_rest():
+    hidden = torch.randn(4, 8, 16)
+    cos, sin = torch.randn(1, 8, 4), torch.randn(4, 8, 4)
+    mask = torch.zeros(4, 1, 8, 8)
+    args, kwargs = first_sample(((hidden,), {"attention_mask": mask, "position_embeddings": (cos, sin),
+                                             "cache_position": torch.arange(8), "use_cache": False}))
+    assert torch.equal(args[0], hidden[:1])
+    assert kwargs["attention_mask"].shape == (1, 1, 8, 8)
+    assert kwargs["position_embeddings"][0] is cos and torch.equal(kwargs["position_embeddings"][1], sin[:1])
+    assert kwargs["cache_position"].shape == (8,) and kwargs["use_cache"] is False
+    single = ((hidden[:1],), {"attention_mask": None})
+    assert first_sample(single) is single

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from slimquant.runtime.layer_inputs import first_sample
 from slimquant.runtime.plan import name_matches
 from slimquant.stats import Reduce, Statistic
 
@@ -284,11 +285,13 @@ def _restore(saved: list) -> None:
 
 
 class Guard:
-    """Applies rewrites to one decoder layer, each checked against the layer's output on one calibration batch."""
+    """Applies rewrites to one decoder layer, each checked against the layer's output on one calibration sample
+    (in the model's dtype, so that an exact rewrite stays within rounding of it)."""
 
     def __init__(self, ctx, algorithm: str):
         self.ctx, self.algorithm = ctx, algorithm
-        self.reference = ctx.run_layer(ctx.inputs[:1])[0].float()
+        self.check_input = first_sample(ctx.inputs[0])
+        self.reference = ctx.run_layer([self.check_input])[0].float()
         dtype = next(ctx.layer.parameters()).dtype
         self.tolerance = 1e-3 if dtype in (torch.float32, torch.float64) else 3e-2
         self.applied: list[str] = []
@@ -301,7 +304,7 @@ class Guard:
             _restore(saved)
             log.warning("%s: %s -> %s left unchanged: %s", self.algorithm, unit.source, _names(unit), exc)
             return False
-        out = self.ctx.run_layer(self.ctx.inputs[:1])[0].float()
+        out = self.ctx.run_layer([self.check_input])[0].float()
         err = float((out - self.reference).norm() / self.reference.norm().clamp_min(1e-30))
         if not err <= self.tolerance:
             _restore(saved)
