@@ -17,12 +17,19 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-from common import OUT, current_rss_mb, ensure_fp32_cache, peak_rss_mb, release_free_memory, reset_peak_rss
+from common import (
+    OUT,
+    _merge_results,
+    current_rss_mb,
+    ensure_fp32_cache,
+    peak_rss_mb,
+    release_free_memory,
+    reset_peak_rss,
+    run_isolated,
+)
 
 WORK = OUT / "lazy"
 SEQLEN = 512
@@ -147,14 +154,9 @@ def main() -> None:
         make_checkpoint(n)
     results = []
     for case in cases:
-        proc = subprocess.run([sys.executable, __file__, "--case", case, "--samples", str(args.samples)],
-                              capture_output=True, text=True)
-        if proc.returncode != 0:
-            result = {"case": case, "error": proc.stderr.strip().splitlines()[-1]}
-        else:
-            result = json.loads(proc.stdout.strip().splitlines()[-1])
-        results.append(result)
-        print(json.dumps(result), flush=True)
+        results.append(run_isolated(Path(__file__), case, ["--samples", str(args.samples)]))
+        print(json.dumps(results[-1]), flush=True)
+        _merge_results(OUT / "bench_lazy.json", results)  # a run cut short keeps what it measured
     if {"eager gptq smollm2", "lazy gptq smollm2"} <= set(cases):
         eager, lazy = (sha256_of(WORK / "outputs" / f"{k}-gptq-smollm2") for k in ("eager", "lazy"))
         same = eager == lazy
@@ -169,7 +171,6 @@ def main() -> None:
             continue
         print(f"| {r['case']} | {r['seconds']} | {r['baseline_rss_mb']} | {r['peak_rss_mb']} "
               f"| **{r['above_baseline_mb']}** | {r['checkpoint_mb']} | {r['output_mb']} |")
-    (OUT / "bench_lazy.json").write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

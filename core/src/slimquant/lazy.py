@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from slimquant.config.recipe import Recipe
 from slimquant.errors import RecipeError
-from slimquant.export.atomic import atomic_output_dir, check_output_dir, remove_stale_siblings
+from slimquant.export import atomic_output_dir, check_save_args
 from slimquant.export.streaming import StreamingSave
 from slimquant.model.checks import check_finite
 from slimquant.model.lazy import LazyCheckpoint
@@ -115,8 +114,7 @@ def quantize_checkpoint(recipe: Recipe | dict, output: str | os.PathLike, *, sam
     recipe = recipe if isinstance(recipe, Recipe) else Recipe.parse(recipe)
     algorithms = plan_algorithms(recipe)
     check_lazy_recipe(recipe, algorithms)
-    remove_stale_siblings(Path(output))
-    check_output_dir(output, overwrite)
+    check_save_args(output, LAZY_FORMATS, part_file_size, overwrite)
     lazy = LazyCheckpoint.open(recipe.model, config if config is not None else load_config(recipe.model))
     device = resolve_device(recipe.model.device)
     config = lazy.model.config

@@ -133,6 +133,11 @@ def checkpoint_settings(runtime: dict, output: Path | None, resume: bool, checkp
     return settings
 
 
+def _quantized_bytes(out_features: int, in_features: int, bits: int, groups: int, symmetric: bool) -> float:
+    """A quantized Linear's codes and float32 scales (and zero points when asymmetric)."""
+    return out_features * in_features * bits / 8 + out_features * groups * (4 if symmetric else 8)
+
+
 def _size_mb(report: QuantizationReport, model) -> tuple[float, float]:
     before = after = 0.0
     modules = dict(model.named_modules())
@@ -145,7 +150,7 @@ def _size_mb(report: QuantizationReport, model) -> tuple[float, float]:
             continue
         w = plan.scheme.weights
         groups = -(-module.in_features // w.group_size) if w.group_size else 1
-        after += numel * w.bits / 8 + module.out_features * groups * (4 if w.symmetric else 8)
+        after += _quantized_bytes(module.out_features, module.in_features, w.bits, groups, w.symmetric)
     return before / 2**20, after / 2**20
 
 
@@ -305,8 +310,8 @@ def _output_sizes(output: Path) -> tuple[float, float]:
     description = next(output.glob("quant_model_description_*.json"))
     meta = json.loads(description.read_text())["slimquant"]["linears"]
     before = sum(lin["in_features"] * lin["out_features"] * 4 for lin in meta.values())
-    after = sum(lin["in_features"] * lin["out_features"] * lin["bits"] / 8
-                + lin["out_features"] * lin["groups"] * (4 if lin["symmetric"] else 8) for lin in meta.values())
+    after = sum(_quantized_bytes(lin["out_features"], lin["in_features"], lin["bits"], lin["groups"], lin["symmetric"])
+                for lin in meta.values())
     return before / 2**20, after / 2**20
 
 

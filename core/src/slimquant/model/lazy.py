@@ -131,16 +131,9 @@ class LazyCheckpoint:
 
     def outer_state(self) -> dict[str, torch.Tensor]:
         """The model's state outside its decoder layers (embeddings, final norm, lm_head), tied copies left out."""
-        state = self.model.state_dict(keep_vars=True)
-        seen: set[int] = set()
-        out = {}
-        for key, tensor in state.items():
-            if key.startswith(self.prefix + "."):
-                continue
-            if id(tensor) not in seen:
-                out[key] = tensor
-                seen.add(id(tensor))
-        return out
+        tied = self.tied()
+        return {key: tensor for key, tensor in self.model.state_dict(keep_vars=True).items()
+                if not key.startswith(self.prefix + ".") and key not in tied}
 
     def tied(self) -> dict[str, str]:
         """Outer keys that are another key's tensor (a tied lm_head), as {tied key: stored key}."""
@@ -179,7 +172,7 @@ class LazyCheckpoint:
 
     def load_outer(self, device: torch.device | str = "cpu") -> None:
         """Embeddings, final norm and lm_head into the skeleton (what runs around the decoder layers)."""
-        self._assign(self.model, "", self.read(self.outer_state(), device))
+        self.model.load_state_dict(self.read(self.outer_state(), device), strict=False, assign=True)
         self.model.tie_weights()
 
     def release_outer(self) -> None:
@@ -199,7 +192,7 @@ class LazyCheckpoint:
         prefix = f"{self.prefix}.{index}."
         state = {prefix + k: t for k, t in layer.state_dict(keep_vars=True).items()}
         tensors = self.read(state, device)
-        self._assign(layer, "", {k[len(prefix):]: t for k, t in tensors.items()})
+        layer.load_state_dict({k[len(prefix):]: t for k, t in tensors.items()}, assign=True)
         normalize_layer(layer)
         self._skeleton[index] = self.layers[index]
         self.layers[index] = layer
@@ -224,14 +217,3 @@ class LazyCheckpoint:
 
     def release_layer(self, index: int) -> None:
         self.layers[index] = self._skeleton.pop(index)
-
-    @staticmethod
-    def _assign(module: nn.Module, prefix: str, tensors: dict[str, torch.Tensor]) -> None:
-        result = module.load_state_dict({prefix + k: t for k, t in tensors.items()}, strict=False, assign=True)
-        if result.unexpected_keys:
-            raise ModelStructureError(f"unexpected tensors for {type(module).__name__}: {result.unexpected_keys[:4]}")
-        for key, tensor in tensors.items():  # assign=True keeps the checkpoint's requires_grad (False)
-            owner, _, leaf = key.rpartition(".")
-            target = module.get_submodule(owner) if owner else module
-            if leaf in target._parameters and not isinstance(target._parameters[leaf], nn.Parameter):
-                target._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)

@@ -164,6 +164,7 @@ class LayerwiseQuantizer:
         self.pass_dtype = resolve_calibration_dtype(recipe.runtime.calibration_dtype, _float_dtype(self.layers[0]),
                                                     device, weight_only)
         self._grids: dict[tuple, WeightGrid | None] = {}
+        self._reduced: list[Statistic] = []  # this layer's statistics already combined across processes
         self.ranks = distributed.current()
         if self.ranks.several:
             self._check_distributed()
@@ -233,7 +234,6 @@ class LayerwiseQuantizer:
         return calibration_precision(self.pass_dtype, self.device)
 
     def _layer_context(self, index: int, prefix: str, layer: nn.Module, linears: dict, inputs) -> LayerContext:
-        self._reduced: list = []  # this layer's statistics already combined across processes
         return LayerContext(index, prefix, layer, self.device, linears, {n: self.plans.get(n) for n in linears},
                             inputs, grid_of=self.grid, precision=self._precision, row_blocks=self._row_blocks)
 
@@ -498,6 +498,7 @@ class LayerwiseQuantizer:
         prefix = f"{self.prefix}.{index}"
         linears = layer_linears(layer, prefix)
         ctx = self._layer_context(index, prefix, layer, linears, inputs)
+        self._reduced = []
         plans = ctx.plans
         quantized = ctx.quantized_names()
 

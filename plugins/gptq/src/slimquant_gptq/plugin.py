@@ -74,9 +74,10 @@ class GPTQPlugin:
         if name in done:
             return done.pop(name)
         hessian = state.pop(name, None)
+        weight = module.weight.detach()[ctx.row_block(name)]  # this process's rows (all of them in one process)
         if hessian is None or hessian.tokens == 0:  # e.g. an MoE expert the router never chose
             log.info("%s: no calibration token reached it; rounding to nearest instead of GPTQ", name)
-            w = module.weight.detach()[ctx.row_block(name)].float()
+            w = weight.float()
             if grid is not None:
                 ratio = search_clip_ratio(w, args.bits, True, group_size, weight_grid=grid) if c.mse else 1.0
                 return round_to_nearest(w, args, ratio, grid)
@@ -84,13 +85,12 @@ class GPTQPlugin:
             return quantize_weight_with(w, scale, zero, args.bits, group_size)
         siblings = [] if grid is not None else _siblings(ctx, state, name, hessian, args)
         if not siblings:
-            return gptq_quantize(module.weight[ctx.row_block(name)], hessian.hessian, settings, name, grid)
+            return gptq_quantize(weight, hessian.hessian, settings, name, grid)
         # Linears reading one input (q/k/v, gate/up) share H, and GPTQ treats rows independently given H: one sweep
         # over their stacked rows gives each the codes it would get alone, with a third of the column loops.
         for sibling in siblings:
             state.pop(sibling)
-        blocks = [module.weight.detach()[ctx.row_block(name)],
-                  *(ctx.module(n).weight.detach()[ctx.row_block(n)] for n in siblings)]
+        blocks = [weight, *(ctx.module(n).weight.detach()[ctx.row_block(n)] for n in siblings)]
         result = gptq_quantize(torch.cat(blocks), hessian.hessian, settings, name, grid)
         parts = split_rows(result, [len(b) for b in blocks])
         done.update(zip(siblings, parts[1:], strict=True))
