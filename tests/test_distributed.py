@@ -1,5 +1,6 @@
 """Several processes (torch.distributed, gloo): each calibrates on its share of the samples, statistics are reduced,
-each quantizes its block of every Linear's rows, and the result is the single-process one up to float rounding."""
+each quantizes whole clusters of Linears (q/k/v, o, gate/up, down on a Llama layer) or, with fewer clusters than two
+per process, its block of every Linear's rows; the result is the single-process one up to float rounding."""
 
 from __future__ import annotations
 
@@ -23,6 +24,11 @@ weights: {bits: 4, group_size: 16, symmetric: true}
 algorithms: [{name: gptq, act_order: false, mse: false}]
 runtime: {calibration_dtype: model}
 """
+GPTQ_SEQUENTIAL = """scheme: W4A16
+weights: {bits: 4, group_size: 16, symmetric: false}
+algorithms: [{name: gptq, act_order: false, mse: false, true_sequential: true}]
+runtime: {calibration_dtype: model}
+"""
 W8A8_SQ = """scheme: W8A8
 algorithms: [smoothquant, minmax]
 runtime: {calibration_dtype: model}
@@ -41,7 +47,8 @@ def quantize(model_dir, calib, recipe_file, output, processes: int):
     return result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("recipe", [GPTQ, W8A8_SQ], ids=["gptq", "smoothquant-w8a8"])
+@pytest.mark.parametrize("recipe", [GPTQ, GPTQ_SEQUENTIAL, W8A8_SQ],
+                         ids=["gptq-whole-linears", "gptq-sequential-row-blocks", "smoothquant-w8a8"])
 def test_two_processes_quantize_as_one_does(tiny_model_dir, calib_text_file, tmp_path, recipe):
     recipe_file = tmp_path / "recipe.yaml"
     recipe_file.write_text(recipe)
@@ -66,6 +73,14 @@ def test_row_blocks_cover_every_row_once():
             covered = [i for block in blocks for i in range(rows)[block]]
             assert covered == list(range(rows))
             assert [len(range(rows)[b]) for b in blocks] == Ranks(0, size).block_sizes(rows)
+
+
+def test_clusters_go_costliest_first_to_the_least_loaded_process():
+    clusters = [["qkv"], ["o"], ["gate", "up"], ["down"]]
+    owners = distributed.assign_owners(clusters, [73.0, 51.0, 195.0, 237.0], Ranks(0, 2))
+    assert owners == {"down": 0, "gate": 1, "up": 1, "qkv": 1, "o": 0}
+    three = distributed.assign_owners(clusters, [73.0, 51.0, 195.0, 237.0], Ranks(0, 3))
+    assert three == {"down": 0, "gate": 1, "up": 1, "qkv": 2, "o": 2}
 
 
 @pytest.fixture

@@ -51,6 +51,13 @@ A plugin is a class with:
       True when ``quantize_weight`` quantizes only ``module.weight[ctx.row_block(name)]`` and returns the
       ``QuantizedWeight`` of those rows (rows independent given the statistics: round to nearest, GPTQ). On several
       processes each then quantizes its block and the runtime gathers them; in one process the block is every row.
+  ``linear_cost(self, rows, cols) -> float`` (default: rows * cols)
+      On several processes, when a layer (or a sequential group of it) has at least two clusters of Linears per
+      process (a cluster: the Linears that read one input tensor, such as q/k/v), the runtime quantizes whole
+      clusters instead of row blocks: each cluster on one process (``ctx.row_block`` is then every row), assigned
+      costliest first to the least loaded process, and the result sent to the others. This estimates the work of
+      quantizing a cluster whose stacked weight is rows x cols, in any unit common to the run's plugins (GPTQ: its
+      sweep, its per-column steps and its inverse Hessian factor).
   ``aliases: dict[str, str]`` (default empty)
       The names other tools give this algorithm, for slimquant's compatibility APIs: keys
       ``"msmodelslim.w_method"``, ``"msmodelslim.anti_method"``, ``"msmodelslim.sparse"`` (value ``"co_sparse"``:

@@ -2,10 +2,12 @@
 
 Launched with `torchrun --nproc-per-node N slimquant quantize ...` (or any launcher that sets WORLD_SIZE, RANK,
 MASTER_ADDR and MASTER_PORT). Each process takes samples rank, rank + N, ...; after every observation pass the
-layer's `slimquant.stats.Statistic` objects are combined as their classes declare (sums add, ranges take min/max);
-a weight algorithm that declares `row_parallel` quantizes only this process's block of each Linear's rows
-(`ctx.row_block`) and the blocks are gathered, so every process ends with the same quantized model. Only rank 0
-saves and reports.
+layer's `slimquant.stats.Statistic` objects are combined as their classes declare (sums add, ranges take min/max).
+Each Linear is then quantized once: whole clusters of Linears (those reading one input) on one process each,
+assigned by estimated cost and broadcast (`assign_owners`, `broadcast_qweight`), when there are at least two clusters
+per process; otherwise a weight algorithm that declares `row_parallel` quantizes only this process's block of each
+Linear's rows (`ctx.row_block`) and the blocks are gathered. Every process ends with the same quantized model. Only
+rank 0 saves and reports.
 """
 
 from __future__ import annotations
@@ -116,6 +118,56 @@ def gather_rows(block: QuantizedWeight, rows: int, ranks: Ranks, owner: str, nam
     return QuantizedWeight(codes=full["codes"], scale=full["scale"], zero=full["zero"], bits=block.bits,
                            group_size=block.group_size, g_idx=block.g_idx, codebook=block.codebook,
                            sparsity=block.sparsity, codebook_name=block.codebook_name)
+
+
+def assign_owners(clusters: list[list[str]], costs: list[float], ranks: Ranks) -> dict[str, int]:
+    """Each cluster of Linears to one process: costliest first, each to the process with the least work so far."""
+    load = [0.0] * ranks.size
+    owners: dict[str, int] = {}
+    for i in sorted(range(len(clusters)), key=lambda i: -costs[i]):
+        rank = min(range(ranks.size), key=lambda r: load[r])
+        load[rank] += costs[i]
+        owners.update((name, rank) for name in clusters[i])
+    return owners
+
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def broadcast_qweight(qweight: QuantizedWeight | None, src: int, ranks: Ranks, device: torch.device, owner: str,
+                      name: str) -> QuantizedWeight:
+    """Linear `name`'s quantized weight, made by process `src` (which passes it; the others pass None), on every
+    process. Codes, scales, zero points and g_idx travel; weights with more than that are refused on every process."""
+    header = torch.zeros(10, dtype=torch.int64, device=device)
+    if ranks.rank == src:
+        plain = (qweight.outliers is None and qweight.scale_quant is None and qweight.two_level is None
+                 and not qweight.extras and qweight.codebook is None and qweight.sparsity is None)
+        rows, cols = qweight.codes.shape
+        zero_dtype = -1 if qweight.zero is None else _DTYPES.index(qweight.zero.dtype)
+        header = torch.tensor([int(plain), rows, cols, qweight.scale.shape[1], _DTYPES.index(qweight.scale.dtype),
+                               zero_dtype, qweight.g_idx is not None, qweight.bits, qweight.group_size or 0, 0],
+                              dtype=torch.int64, device=device)
+    dist.broadcast(header, src)
+    plain, rows, cols, groups, scale_dtype, zero_dtype, has_g_idx, bits, group_size, _ = header.tolist()
+    if not plain:
+        raise RecipeError(f"{name}: plugin {owner!r} returned outliers, quantized scales, two-level scales, a "
+                          "codebook, sparsity or extras, which cannot be sent between processes yet; run a single "
+                          "process")
+    if ranks.rank == src:
+        codes, scale, zero, g_idx = (None if t is None else t.to(device).contiguous()
+                                     for t in (qweight.codes, qweight.scale, qweight.zero, qweight.g_idx))
+    else:
+        codes = torch.empty(rows, cols, dtype=torch.int8, device=device)
+        scale = torch.empty(rows, groups, dtype=_DTYPES[scale_dtype], device=device)
+        zero = None if zero_dtype < 0 else torch.empty(rows, groups, dtype=_DTYPES[zero_dtype], device=device)
+        g_idx = torch.empty(cols, dtype=torch.int32, device=device) if has_g_idx else None
+    for tensor in (codes, scale, zero, g_idx):
+        if tensor is not None:
+            dist.broadcast(tensor, src)
+    if ranks.rank == src:
+        return qweight
+    return QuantizedWeight(codes=codes, scale=scale, zero=zero, bits=bits, group_size=group_size or None,
+                           g_idx=g_idx)
 
 
 def all_sum(values: list[float], device: torch.device) -> list[float]:

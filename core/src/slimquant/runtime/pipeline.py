@@ -165,6 +165,9 @@ class LayerwiseQuantizer:
                                                     device, weight_only)
         self._grids: dict[tuple, WeightGrid | None] = {}
         self._reduced: list[Statistic] = []  # this layer's statistics already combined across processes
+        self._input_order: dict[str, int] = {}  # Linear -> ordinal of the input tensor it read (this layer)
+        self._last_input: list = [None, 0]
+        self._owners: dict[str, int] | None = None  # Linear -> the process quantizing it (_quantize_group)
         self.ranks = distributed.current()
         if self.ranks.several:
             self._check_distributed()
@@ -189,7 +192,7 @@ class LayerwiseQuantizer:
 
     def _row_blocks(self, name: str, rows: int) -> slice:
         plan = self.plans[name]
-        if (self.ranks.several and row_parallel(self.plugins.get(plan.weight_algorithm))
+        if (self.ranks.several and self._owners is None and row_parallel(self.plugins.get(plan.weight_algorithm))
                 and plan.scheme.weights.strategy != Strategy.TENSOR):  # a tensor-wide scale ties every row
             return self.ranks.row_block(rows)
         return slice(0, rows)
@@ -247,6 +250,10 @@ class LayerwiseQuantizer:
         converted: list = [None, None]  # the last input seen and its pass-dtype copy
 
         def observe(name, observers, module, x, output):
+            if name not in self._input_order:  # Linears that read one tensor (q/k/v) share its ordinal
+                if self._last_input[0] is not x:
+                    self._last_input[:] = [x, self._last_input[1] + 1]
+                self._input_order[name] = self._last_input[1]
             if self.check_finite:
                 check_finite(x, f"input activation of {name}")
             if self.pass_dtype is not None:  # what the Linear multiplies under autocast (a norm's output is float32)
@@ -295,9 +302,13 @@ class LayerwiseQuantizer:
         finally:
             for h in handles:
                 h.remove()
+            self._last_input[0] = None
 
     def _quantize_linear(self, ctx: LayerContext, name: str, plan: LinearPlan, module: nn.Module,
                          parent: nn.Module, prefix: str) -> None:
+        self._install_linear(ctx, name, plan, module, parent, prefix, self._quantized_weight(ctx, name, plan, module))
+
+    def _quantized_weight(self, ctx: LayerContext, name: str, plan: LinearPlan, module: nn.Module) -> QuantizedWeight:
         algorithm = plan.weight_algorithm
         try:
             result = self.plugins.call(algorithm, "quantize_weight", ctx=ctx, name=name, module=module,
@@ -320,6 +331,10 @@ class LayerwiseQuantizer:
             qweight = float16_scales(qweight)
         if self.check_finite:
             check_finite(qweight.scale, f"{name} weight scale")
+        return qweight
+
+    def _install_linear(self, ctx: LayerContext, name: str, plan: LinearPlan, module: nn.Module, parent: nn.Module,
+                        prefix: str, qweight: QuantizedWeight) -> None:
         ctx.qweights[name] = qweight
         act = None
         if plan.scheme.activations is not None:
@@ -330,6 +345,42 @@ class LayerwiseQuantizer:
                                   "quantize_act, not ActQParams")
         fake = FakeQuantLinear(qweight, module.bias, act, compute_dtype=module.weight.dtype)
         set_submodule(parent, name[len(prefix) + 1:], fake.to(self.device))
+
+    def _quantize_group(self, ctx: LayerContext, group: list[str], layer: nn.Module, prefix: str) -> None:
+        """Quantize the Linears of `group`: all of them here in one process; on several, either each its row block
+        (gathered) or, with enough clusters of Linears per process, each cluster on one process and sent to the
+        others (see `linear_cost` in slimquant.hookspecs)."""
+        self._owners = owners = self._cluster_owners(ctx, group)
+        try:
+            for name in group:
+                if owners is None or owners[name] == self.ranks.rank:
+                    self._quantize_linear(ctx, name, ctx.plans[name], ctx.module(name), layer, prefix)
+            for name in group if owners is not None else []:
+                mine = owners[name] == self.ranks.rank
+                qweight = distributed.broadcast_qweight(ctx.qweights[name] if mine else None, owners[name],
+                                                        self.ranks, self.device, ctx.plans[name].weight_algorithm,
+                                                        name)
+                if not mine:
+                    self._install_linear(ctx, name, ctx.plans[name], ctx.module(name), layer, prefix, qweight)
+        finally:
+            self._owners = None
+
+    def _cluster_owners(self, ctx: LayerContext, group: list[str]) -> dict[str, int] | None:
+        if not self.ranks.several or any(ctx.grid(n) is not None for n in group):
+            return None
+        clusters: dict[object, list[str]] = {}
+        for name in group:  # a Linear no observation reached is a cluster of its own
+            clusters.setdefault(self._input_order.get(name, name), []).append(name)
+        if len(clusters) < 2 * self.ranks.size:
+            return None
+        costs = []
+        for names in clusters.values():
+            plugin = self.plugins.get(ctx.plans[names[0]].weight_algorithm)
+            rows = sum(ctx.module(n).out_features for n in names)
+            cols = ctx.module(names[0]).in_features
+            estimate = getattr(plugin, "linear_cost", None)
+            costs.append(float(estimate(rows, cols)) if estimate is not None else float(rows * cols))
+        return distributed.assign_owners(list(clusters.values()), costs, self.ranks)
 
     def _observers(self, plans: dict[str, LinearPlan | None], names: list[str]) -> dict[str, list[str]]:
         return {n: self.algorithms.observers(plans[n]) for n in names}
@@ -499,6 +550,7 @@ class LayerwiseQuantizer:
         linears = layer_linears(layer, prefix)
         ctx = self._layer_context(index, prefix, layer, linears, inputs)
         self._reduced = []
+        self._input_order, self._last_input = {}, [None, 0]
         plans = ctx.plans
         quantized = ctx.quantized_names()
 
@@ -512,7 +564,9 @@ class LayerwiseQuantizer:
                     LayerReport(index, time.perf_counter() - started, 0.0, 0, len(linears)))
 
         ctx.phase = "quantize"
-        k = ctx.batches_covering(self.recipe.runtime.error_samples)  # errors against float are measured there
+        # errors against float are measured on error_samples samples, shared among the processes
+        error_samples = -(-self.recipe.runtime.error_samples // self.ranks.size)
+        k = ctx.batches_covering(error_samples)
         float_out = None
         for group in self._sequential_groups(ctx) if quantized else []:
             observers = self._observers(plans, group)
@@ -523,8 +577,7 @@ class LayerwiseQuantizer:
             elif float_out is None:
                 with self._precision():
                     float_out = ctx.run_layer(inputs[:k])
-            for name in group:
-                self._quantize_linear(ctx, name, plans[name], ctx.module(name), layer, prefix)
+            self._quantize_group(ctx, group, layer, prefix)
         if float_out is None:
             with self._precision():
                 float_out = ctx.run_layer(inputs[:k])
@@ -533,7 +586,7 @@ class LayerwiseQuantizer:
 
         fakes = {name: ctx.module(name) for name in quantized}
         with materialized_weights(layer), self._precision():
-            with measure_linear_errors(fakes, ctx.linears, into=linear_errors, rows=self.recipe.runtime.error_samples):
+            with measure_linear_errors(fakes, ctx.linears, into=linear_errors, rows=error_samples):
                 quant_out = ctx.run_layer(inputs[:k])
             num = sum(float((q - f).float().pow(2).sum()) for q, f in zip(quant_out, float_out, strict=True))
             den = sum(float(f.float().pow(2).sum()) for f in float_out)
