@@ -6,7 +6,7 @@ from tiny_models import ARCHS, tiny_model, token_samples
 from transformers.cache_utils import DynamicCache
 
 from slimquant.model.structure import find_decoder_layers
-from slimquant.runtime.layer_inputs import NotReplayable, first_sample, stateless_input
+from slimquant.runtime.layer_inputs import NotReplayable, first_sample, leading_samples, stateless_input
 
 
 def _first_layer_calls(model, run):
@@ -84,3 +84,12 @@ def test_first_sample_cuts_every_per_sample_tensor_and_shares_the_rest():
     assert kwargs["cache_position"].shape == (8,) and kwargs["use_cache"] is False
     single = ((hidden[:1],), {"attention_mask": None})
     assert first_sample(single) is single
+
+
+def test_leading_samples_keeps_the_first_rows_of_a_batch():
+    hidden = torch.randn(4, 8, 16)
+    args, kwargs = leading_samples(((), {"hidden_states": hidden, "attention_mask": torch.zeros(4, 1, 8, 8)}), 3)
+    assert args == () and torch.equal(kwargs["hidden_states"], hidden[:3])
+    assert kwargs["attention_mask"].shape == (3, 1, 8, 8)
+    whole = ((hidden,), {})
+    assert leading_samples(whole, 4) is whole and leading_samples(whole, 9) is whole

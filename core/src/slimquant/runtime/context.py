@@ -180,7 +180,10 @@ class LayerContext:
     @property
     def trace(self) -> LayerTrace:
         if self._trace is None:
-            self._trace = trace_layer(self.layer, self.prefix, self.linears, lambda: self.run_layer(self.inputs[:1]))
+            def run():
+                with self.precision():
+                    self.run_layer(self.inputs[:1])
+            self._trace = trace_layer(self.layer, self.prefix, self.linears, run)
         return self._trace
 
     @property

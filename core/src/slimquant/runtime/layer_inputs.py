@@ -51,20 +51,25 @@ def stateless_input(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     return args, clean
 
 
-def first_sample(inp: tuple[tuple, dict]) -> tuple[tuple, dict]:
-    """One batched layer call cut down to its first sample: every tensor whose first dimension is the batch of
-    the hidden states (masks, position tables built per sample) keeps its first row; the rest is shared."""
+def leading_samples(inp: tuple[tuple, dict], count: int) -> tuple[tuple, dict]:
+    """One batched layer (or sub-block) call cut down to its first `count` samples: every tensor whose first
+    dimension is the batch of the hidden states (masks, position tables built per sample) keeps its first `count`
+    rows; the rest is shared."""
     args, kwargs = inp
     hidden = args[0] if args else kwargs.get("hidden_states")
     batch = hidden.shape[0] if torch.is_tensor(hidden) and hidden.dim() == 3 else 1
-    if batch == 1:
+    if batch <= count:
         return inp
 
     def cut(value):
         if torch.is_tensor(value):
-            return value[:1] if value.dim() >= 2 and value.shape[0] == batch else value
+            return value[:count] if value.dim() >= 2 and value.shape[0] == batch else value
         if isinstance(value, tuple | list):
             return type(value)(cut(v) for v in value)
         return value
 
     return tuple(cut(a) for a in args), {k: cut(v) for k, v in kwargs.items()}
+
+
+def first_sample(inp: tuple[tuple, dict]) -> tuple[tuple, dict]:
+    return leading_samples(inp, 1)

@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from slimquant import smoothing
 from slimquant.hookspecs import hookimpl
 from slimquant.quant.math import fake_quantize_weight
+from slimquant.runtime.layer_inputs import leading_samples
 from slimquant.runtime.plan import name_matches
 from slimquant.stats import Reduce, Statistic
 
@@ -107,7 +108,7 @@ class AWQPlugin:
 
     def _search_inputs(self, ctx, block: str):
         inputs = ctx.block_inputs(block, max_samples=ctx.batches_covering(self.config.search_samples))
-        return _token_sample(inputs, self.config.search_tokens)
+        return _token_sample(_leading(inputs, self.config.search_samples), self.config.search_tokens)
 
     @torch.no_grad()
     def _best_scales(self, ctx, unit, stats) -> torch.Tensor | None:
@@ -215,6 +216,20 @@ def _group_output_error(xg: torch.Tensor):
         def error(d: torch.Tensor) -> torch.Tensor:
             return torch.bmm(xt, d.permute(1, 2, 0)).pow_(2).mean(1).t()
     return error
+
+
+def _leading(inputs, samples: int):
+    """The first `samples` calibration samples of batched sub-block inputs (the last batch cut if need be)."""
+    kept = []
+    for inp in inputs:
+        if samples <= 0:
+            break
+        inp = leading_samples(inp, samples)
+        args, kwargs = inp
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        samples -= hidden.shape[0] if torch.is_tensor(hidden) and hidden.dim() == 3 else 1
+        kept.append(inp)
+    return kept
 
 
 def _token_sample(inputs, tokens: int):
