@@ -205,3 +205,18 @@ def test_gptq_scales_cut_from_stacked_linears_are_saved(tmp_path):
     save_quantized(model, tmp_path / "out", save_type=["compressed-tensors"])
     _, logits = load(tmp_path / "out")
     assert torch.allclose(logits, model(IDS).logits, atol=1e-5, rtol=0)
+
+
+def test_activation_rounding_matches_compressed_tensors_bit_for_bit():
+    """Where x / scale lies within a few ulps of a half-integer, adding the zero point before or after rounding
+    gives different codes; slimquant adds it before, as compressed-tensors (and vLLM) do."""
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize as ct_fake_quantize
+
+    from slimquant.quant.math import fake_quantize
+
+    scale, zero = torch.tensor([0.0121]), torch.tensor([-35.0])
+    halves = torch.arange(-90, 160, dtype=torch.float32) + 0.5
+    x = torch.cat([(halves + d) * scale for d in (-3e-6, -1e-6, 0.0, 1e-6, 3e-6)]).reshape(1, -1)
+    args = QuantizationArgs(num_bits=8, type="int", symmetric=False, strategy="tensor")
+    assert torch.equal(fake_quantize(x, scale, zero, 8), ct_fake_quantize(x, scale, zero.to(torch.int8), args))

@@ -53,12 +53,12 @@ def _round_column(grid: WeightGrid | None, x, sc, z, q, err, lo: int, hi: int) -
         q.copy_(grid.quantize(x, sc, z))
         torch.sub(grid.dequantize(q, sc, z), x, out=err)
         return
-    torch.div(x, sc, out=q).round_()  # quantize and dequantize in place: this loop runs once per column
+    torch.div(x, sc, out=q)  # quantize and dequantize in place: this loop runs once per column
     if z is not None:
-        q.add_(z).clamp_(lo, hi)
+        q.add_(z).round_().clamp_(lo, hi)  # the zero point added before rounding, as slimquant.quant.math.quantize
         torch.sub(q, z, out=err)
     else:
-        q.clamp_(lo, hi)
+        q.round_().clamp_(lo, hi)
         err.copy_(q)
     err.mul_(sc).sub_(x)
 
