@@ -74,6 +74,10 @@ READERS = {  # format: [(result key, python, script, *script options)]
 }
 
 
+def weight_only(recipe: dict) -> bool:
+    return "activations" not in recipe and not str(recipe.get("scheme", "")).startswith("W8A8")
+
+
 def slug(case: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in case.lower()).strip("-")
 
@@ -162,6 +166,8 @@ def run_case(case: str) -> dict:
         return {"case": case, **result}
     out = EXPORTS / slug(case)
     for key, python, script, *options in READERS[CASES[case][1]]:
+        if key == "vllm" and not options and weight_only(CASES[case][0]):
+            options = ["--dtype", "bfloat16"]  # vLLM's CPU kernel for int4/int8 weights (cpu_gemm_wna16): no float32
         if not python.exists():
             result[key] = {"error": f"{python} not installed"}
         elif key == "llamacpp":
