@@ -13,7 +13,7 @@ from torch import nn
 
 from slimquant.model.subgraphs import LayerTrace, Subgraph, linear_pairs, trace_layer
 from slimquant.quant.qweight import QuantizedWeight
-from slimquant.runtime.layer_inputs import stateless_input
+from slimquant.runtime.layer_inputs import batch_size, stateless_input
 from slimquant.runtime.plan import LinearPlan
 
 LayerInput = tuple[tuple, dict]  # the (args, kwargs) the decoder layer was called with
@@ -103,8 +103,8 @@ class LayerContext:
     def batches_covering(self, samples: int) -> int:
         """How many leading calibration batches (`inputs`, several samples each) hold at least `samples` samples."""
         seen = 0
-        for i, (args, kwargs) in enumerate(self.inputs):
-            seen += (args[0] if args else kwargs["hidden_states"]).shape[0]
+        for i, inp in enumerate(self.inputs):
+            seen += batch_size(inp)
             if seen >= samples:
                 return i + 1
         return len(self.inputs)

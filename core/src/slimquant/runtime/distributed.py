@@ -138,17 +138,17 @@ def broadcast_qweight(qweight: QuantizedWeight | None, src: int, ranks: Ranks, d
                       name: str) -> QuantizedWeight:
     """Linear `name`'s quantized weight, made by process `src` (which passes it; the others pass None), on every
     process. Codes, scales, zero points and g_idx travel; weights with more than that are refused on every process."""
-    header = torch.zeros(10, dtype=torch.int64, device=device)
+    header = torch.zeros(9, dtype=torch.int64, device=device)
     if ranks.rank == src:
         plain = (qweight.outliers is None and qweight.scale_quant is None and qweight.two_level is None
                  and not qweight.extras and qweight.codebook is None and qweight.sparsity is None)
         rows, cols = qweight.codes.shape
         zero_dtype = -1 if qweight.zero is None else _DTYPES.index(qweight.zero.dtype)
         header = torch.tensor([int(plain), rows, cols, qweight.scale.shape[1], _DTYPES.index(qweight.scale.dtype),
-                               zero_dtype, qweight.g_idx is not None, qweight.bits, qweight.group_size or 0, 0],
+                               zero_dtype, qweight.g_idx is not None, qweight.bits, qweight.group_size or 0],
                               dtype=torch.int64, device=device)
     dist.broadcast(header, src)
-    plain, rows, cols, groups, scale_dtype, zero_dtype, has_g_idx, bits, group_size, _ = header.tolist()
+    plain, rows, cols, groups, scale_dtype, zero_dtype, has_g_idx, bits, group_size = header.tolist()
     if not plain:
         raise RecipeError(f"{name}: plugin {owner!r} returned outliers, quantized scales, two-level scales, a "
                           "codebook, sparsity or extras, which cannot be sent between processes yet; run a single "

@@ -51,13 +51,19 @@ def stateless_input(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     return args, clean
 
 
+def batch_size(inp: tuple[tuple, dict]) -> int:
+    """The samples in one layer (or sub-block) call: the first dimension of its [batch, tokens, hidden] states."""
+    args, kwargs = inp
+    hidden = args[0] if args else kwargs.get("hidden_states")
+    return hidden.shape[0] if torch.is_tensor(hidden) and hidden.dim() == 3 else 1
+
+
 def leading_samples(inp: tuple[tuple, dict], count: int) -> tuple[tuple, dict]:
     """One batched layer (or sub-block) call cut down to its first `count` samples: every tensor whose first
     dimension is the batch of the hidden states (masks, position tables built per sample) keeps its first `count`
     rows; the rest is shared."""
     args, kwargs = inp
-    hidden = args[0] if args else kwargs.get("hidden_states")
-    batch = hidden.shape[0] if torch.is_tensor(hidden) and hidden.dim() == 3 else 1
+    batch = batch_size(inp)
     if batch <= count:
         return inp
 

@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from slimquant import smoothing
 from slimquant.hookspecs import hookimpl
 from slimquant.quant.math import fake_quantize_weight
-from slimquant.runtime.layer_inputs import leading_samples
+from slimquant.runtime.layer_inputs import batch_size, leading_samples
 from slimquant.runtime.plan import name_matches
 from slimquant.stats import Reduce, Statistic
 
@@ -225,9 +225,7 @@ def _leading(inputs, samples: int):
         if samples <= 0:
             break
         inp = leading_samples(inp, samples)
-        args, kwargs = inp
-        hidden = args[0] if args else kwargs.get("hidden_states")
-        samples -= hidden.shape[0] if torch.is_tensor(hidden) and hidden.dim() == 3 else 1
+        samples -= batch_size(inp)
         kept.append(inp)
     return kept
 
