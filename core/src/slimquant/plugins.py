@@ -123,6 +123,12 @@ def row_parallel(plugin) -> bool:
     return bool(getattr(plugin, "row_parallel", False))
 
 
+def linear_cost(plugin, rows: int, cols: int) -> float:
+    """The plugin's estimate of the work of quantizing a rows x cols weight (rows x cols when it gives none)."""
+    estimate = getattr(plugin, "linear_cost", None)
+    return float(estimate(rows, cols)) if estimate is not None else float(rows * cols)
+
+
 def permutes_groups(plugin) -> bool:
     return bool(getattr(plugin, "permutes_groups", False))
 

@@ -28,7 +28,7 @@ from slimquant.model.structure import (
     normalize_linears,
     set_submodule,
 )
-from slimquant.plugins import AlgorithmPlan, plan_algorithms, row_parallel, runs_distributed
+from slimquant.plugins import AlgorithmPlan, linear_cost, plan_algorithms, row_parallel, runs_distributed
 from slimquant.quant.actparams import ActQParams
 from slimquant.quant.fake_linear import FakeQuantLinear, materialized_weights
 from slimquant.quant.grid import WeightGrid
@@ -166,7 +166,7 @@ class LayerwiseQuantizer:
         self._grids: dict[tuple, WeightGrid | None] = {}
         self._reduced: list[Statistic] = []  # this layer's statistics already combined across processes
         self._input_order: dict[str, int] = {}  # Linear -> ordinal of the input tensor it read (this layer)
-        self._last_input: list = [None, 0]
+        self._inputs_seen = 0
         self._owners: dict[str, int] | None = None  # Linear -> the process quantizing it (_quantize_group)
         self.ranks = distributed.current()
         if self.ranks.several:
@@ -250,16 +250,14 @@ class LayerwiseQuantizer:
         converted: list = [None, None]  # the last input seen and its pass-dtype copy
 
         def observe(name, observers, module, x, output):
-            if name not in self._input_order:  # Linears that read one tensor (q/k/v) share its ordinal
-                if self._last_input[0] is not x:
-                    self._last_input[:] = [x, self._last_input[1] + 1]
-                self._input_order[name] = self._last_input[1]
             if self.check_finite:
                 check_finite(x, f"input activation of {name}")
-            if self.pass_dtype is not None:  # what the Linear multiplies under autocast (a norm's output is float32)
-                if converted[0] is not x:  # q/k/v read one tensor: convert it once, so it stays one tensor
-                    converted[:] = [x, x.to(self.pass_dtype)]
-                x = converted[1]
+            if converted[0] is not x:  # q/k/v read one tensor: convert it once, so it stays one tensor
+                # what the Linear multiplies under autocast (a norm's output is float32)
+                converted[:] = [x, x if self.pass_dtype is None else x.to(self.pass_dtype)]
+                self._inputs_seen += 1
+            self._input_order.setdefault(name, self._inputs_seen)  # Linears reading one tensor share its ordinal
+            x = converted[1]
             with full_precision(self.device):
                 for plugin in observers:
                     self.plugins.call(plugin, "observe", ctx=ctx, name=name, module=module, inputs=x, output=output)
@@ -302,7 +300,6 @@ class LayerwiseQuantizer:
         finally:
             for h in handles:
                 h.remove()
-            self._last_input[0] = None
 
     def _quantize_linear(self, ctx: LayerContext, name: str, plan: LinearPlan, module: nn.Module,
                          parent: nn.Module, prefix: str) -> None:
@@ -373,13 +370,9 @@ class LayerwiseQuantizer:
             clusters.setdefault(self._input_order.get(name, name), []).append(name)
         if len(clusters) < 2 * self.ranks.size:
             return None
-        costs = []
-        for names in clusters.values():
-            plugin = self.plugins.get(ctx.plans[names[0]].weight_algorithm)
-            rows = sum(ctx.module(n).out_features for n in names)
-            cols = ctx.module(names[0]).in_features
-            estimate = getattr(plugin, "linear_cost", None)
-            costs.append(float(estimate(rows, cols)) if estimate is not None else float(rows * cols))
+        costs = [linear_cost(self.plugins.get(ctx.plans[names[0]].weight_algorithm),
+                             sum(ctx.module(n).out_features for n in names), ctx.module(names[0]).in_features)
+                 for names in clusters.values()]
         return distributed.assign_owners(list(clusters.values()), costs, self.ranks)
 
     def _observers(self, plans: dict[str, LinearPlan | None], names: list[str]) -> dict[str, list[str]]:
@@ -550,7 +543,7 @@ class LayerwiseQuantizer:
         linears = layer_linears(layer, prefix)
         ctx = self._layer_context(index, prefix, layer, linears, inputs)
         self._reduced = []
-        self._input_order, self._last_input = {}, [None, 0]
+        self._input_order, self._inputs_seen = {}, 0
         plans = ctx.plans
         quantized = ctx.quantized_names()
 
