@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from slimquant.quant.grid import CodebookGrid
 from slimquant.quant.math import (
     dynamic_token_fake_quant,
     fake_quantize,
@@ -172,3 +173,29 @@ def test_a_range_that_excludes_zero_is_widened_and_the_zero_point_is_a_code():
     assert -8 <= float(zero) <= 7 and torch.allclose(scale, torch.tensor(3.0 / 15))
     sym, none = range_to_qparams(torch.tensor(1.0), torch.tensor(2.0), 8, True)
     assert none is None and torch.allclose(sym, torch.tensor(2.0 / 127))
+
+
+def _count_midpoints_below(grid, w, scale):
+    x = torch.nan_to_num(w / scale, nan=0.0)
+    return sum((x > m).float() for m in grid._midpoints.tolist()) - 2 ** (grid.bits - 1)
+
+
+@pytest.mark.parametrize(("values", "table"), [
+    ([-1.0, -0.7, -0.52, -0.39, -0.28, -0.18, -0.09, 0.0, 0.08, 0.16, 0.25, 0.34, 0.44, 0.56, 0.72, 1.0], True),
+    ([-1.0, -0.5, -0.25, -1e-3, 0.0, 1e-3, 0.25, 1.0], True),  # a tiny gap: many cells
+    ([-1.0, -0.5, 0.0, 1e-5, 2e-5, 0.5, 0.75, 1.0], False),  # midpoints too close for a table: binary search
+])
+def test_codebook_lookup_equals_counting_the_midpoints_below(values, table):
+    values = torch.tensor(values)
+    grid = CodebookGrid(values)
+    assert (grid._cells is not None) == table
+    torch.manual_seed(0)
+    w = torch.randn(300, 128)
+    w[0, :4] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0])
+    scale = w.nan_to_num(0, 0, 0).abs().amax(1, keepdim=True) * 0.9  # some weights beyond the codebook's ends
+    assert torch.equal(grid.quantize(w, scale, None), _count_midpoints_below(grid, w, scale))
+    m = grid._midpoints
+    near = torch.cat([m, torch.nextafter(m, torch.tensor(2.0)), torch.nextafter(m, torch.tensor(-2.0)), values])
+    one = torch.ones(())
+    assert torch.equal(grid.quantize(near, one, None), _count_midpoints_below(grid, near, one))
+    assert grid.quantize(m[:1], one, None).item() == -(2 ** (grid.bits - 1))  # half-way rounds to the smaller

@@ -97,7 +97,7 @@ class CodebookGrid(WeightGrid):
         self.name = name
         self.codebook = values
         self._midpoints = (values[1:] + values[:-1]) / 2
-        self._midpoint_list = self._midpoints.tolist()
+        self._cells = _MidpointCells.build(self._midpoints)
 
     def qparams(self, w, group_size, g_idx=None, clip_ratio=1.0):
         w = w.float()
@@ -109,15 +109,67 @@ class CodebookGrid(WeightGrid):
         return absmax.clamp_min(EPS), None
 
     def quantize(self, w, scale, zero):
-        x = torch.nan_to_num(w / scale, nan=0.0)
-        if len(self._midpoints) > 15:
-            index = torch.bucketize(x.contiguous(), self._midpoints.to(w.device))
-        else:  # counting the midpoints below x: 15 comparisons run ~3x faster than bucketize's binary search
-            index = torch.zeros(x.shape, dtype=torch.uint8, device=x.device)
-            above = torch.empty(x.shape, dtype=torch.bool, device=x.device)
-            for midpoint in self._midpoint_list:
-                index += torch.gt(x, midpoint, out=above).view(torch.uint8)
-        return index.to(w.dtype).add_(qrange(self.bits)[0])
+        low = qrange(self.bits)[0]
+        if self._cells is None:
+            x = torch.nan_to_num(w / scale, nan=0.0)
+            return torch.bucketize(x.contiguous(), self._midpoints.to(w.device)).to(w.dtype).add_(low)
+        shape = torch.broadcast_shapes(w.shape, scale.shape)
+        w, scale = torch.broadcast_tensors(torch.atleast_1d(w), torch.atleast_1d(scale))
+        codes = torch.empty(w.shape, dtype=w.dtype, device=w.device)
+        step = max(1, _CHUNK // max(1, w[0].numel())) if w.numel() else 1
+        for start in range(0, w.shape[0], step):
+            part = slice(start, start + step)
+            codes[part] = self._cells.index(torch.nan_to_num_(w[part] / scale[part], nan=0.0))
+        return codes.add_(low).reshape(shape)
 
     def dequantize(self, codes, scale, zero):
         return self.codebook.to(codes.device)[codes.long() - qrange(self.bits)[0]] * scale
+
+
+_CHUNK = 1 << 18  # elements per step of a codebook lookup: its temporaries stay in a core's L2 cache
+
+
+class _MidpointCells:
+    """Nearest-value lookup for x in [-1, 1]: [-1, 1] cut into equal cells, each holding at most one of the sorted
+    midpoints (with a margin, so a cell index a rounding off still holds the right one); the index of x is the number
+    of midpoints below its cell plus x > the midpoint in it. Two table reads and one comparison per weight, the same
+    result as counting every midpoint below x."""
+
+    def __init__(self, cells: int, below: torch.Tensor, midpoint: torch.Tensor):
+        self.cells = cells
+        self._below = below
+        self._midpoint = midpoint
+        self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @classmethod
+    def build(cls, midpoints: torch.Tensor, max_cells: int = 1 << 14) -> _MidpointCells | None:
+        m = midpoints.double()
+        gap = float((m[1:] - m[:-1]).min()) if len(m) > 1 else 2.0
+        cells = 16
+        while 2 / cells + 4e-4 >= gap:  # room for the cell and both margins between two midpoints
+            cells *= 2
+            if cells > max_cells:
+                return None
+        margin = 1e-4
+        edges = torch.arange(cells, dtype=torch.float64) * 2 / cells - 1
+        below = (m < (edges - margin).unsqueeze(1)).sum(1)
+        inside = (m >= (edges - margin).unsqueeze(1)) & (m < (edges + 2 / cells + margin).unsqueeze(1))
+        midpoint = torch.full((cells,), float("inf"), dtype=torch.float32)
+        for cell, k in inside.nonzero().tolist():
+            midpoint[cell] = midpoints[k]
+        return cls(cells, below.to(torch.float32), midpoint)
+
+    def index(self, x: torch.Tensor) -> torch.Tensor:
+        """Float indices (0 .. len(midpoints)) of the nearest values of finite x (any shape)."""
+        below, midpoint = self._tables(x.device)
+        half = self.cells / 2
+        cell = (x * half + half).clamp_(0, self.cells - 1).to(torch.int32).reshape(-1)
+        flat = x.reshape(-1)
+        index = torch.index_select(below, 0, cell)
+        index += torch.gt(flat, torch.index_select(midpoint, 0, cell))
+        return index.view(x.shape)
+
+    def _tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if device not in self._on:
+            self._on[device] = (self._below.to(device), self._midpoint.to(device))
+        return self._on[device]
