@@ -248,14 +248,26 @@ def test_a_sub_block_can_be_caught_and_run():
     layer = model.model.layers[0]
     inputs = catch_layer_inputs(model, model.model.layers, token_samples(3, 8), torch.device("cpu"), False)
     ctx = LayerContext(0, "model.layers.0", layer, torch.device("cpu"), {}, {}, inputs)
-    mlp_in = ctx.block_inputs("mlp", max_samples=2)
-    residual = ctx.block_inputs("post_attention_layernorm", max_samples=2)
+    mlp_in = ctx.block_inputs("mlp", samples=2)
+    residual = ctx.block_inputs("post_attention_layernorm", samples=2)
     assert len(mlp_in) == 2
     with torch.no_grad():
         whole = ctx.run_layer(inputs[:2])
         parts = [r[0][0] + m for r, m in zip(residual, ctx.run_block("mlp", mlp_in), strict=True)]
     for a, b in zip(whole, parts, strict=True):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_leading_inputs_hold_exactly_the_samples_asked_for():
+    from slimquant.runtime.context import LayerContext
+
+    batch = ((), {"hidden_states": torch.randn(4, 8, 16), "position_embeddings": (torch.randn(4, 8, 2),) * 2})
+    ctx = LayerContext(0, "model.layers.0", torch.nn.Identity(), torch.device("cpu"), {}, {}, [batch] * 3)
+    kept = ctx.leading_inputs(6)
+    assert [inp[1]["hidden_states"].shape[0] for inp in kept] == [4, 2]
+    assert kept[1][1]["position_embeddings"][0].shape[0] == 2
+    assert [inp[1]["hidden_states"].shape[0] for inp in ctx.leading_inputs(1)] == [1]
+    assert len(ctx.leading_inputs(None)) == 3 and len(ctx.leading_inputs(100)) == 3
 
 
 # -- statistics reduce across processes -----------------------------------------------------------------------------

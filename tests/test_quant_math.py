@@ -199,3 +199,22 @@ def test_codebook_lookup_equals_counting_the_midpoints_below(values, table):
     one = torch.ones(())
     assert torch.equal(grid.quantize(near, one, None), _count_midpoints_below(grid, near, one))
     assert grid.quantize(m[:1], one, None).item() == -(2 ** (grid.bits - 1))  # half-way rounds to the smaller
+
+
+@pytest.mark.parametrize("args", [
+    {"bits": 4, "symmetric": False, "strategy": "group", "group_size": 64},
+    {"bits": 4, "symmetric": True, "strategy": "group", "group_size": 48},  # a ragged last group
+    {"bits": 3, "symmetric": False, "strategy": "channel"},
+    {"bits": 8, "symmetric": True, "strategy": "tensor"},
+])
+def test_fake_quantize_weight_is_the_dequantized_round_to_nearest(args):
+    from slimquant.config.scheme import WeightArgs
+    from slimquant.quant.math import fake_quantize_weight, round_to_nearest
+
+    torch.manual_seed(0)
+    w = torch.randn(40, 200, dtype=torch.bfloat16)
+    args = WeightArgs(**args)
+    ratio = torch.rand(40, 1) * 0.3 + 0.7 if args.strategy == "channel" else 0.9
+    fake = fake_quantize_weight(w, args, clip_ratio=ratio)
+    assert fake.dtype == w.dtype
+    assert torch.equal(fake, round_to_nearest(w, args, clip_ratio=ratio).dequantize(w.dtype))

@@ -2,7 +2,6 @@
 scaling, [awq, gptq] composes, bad arguments are refused at plan time, save -> load round trip."""
 
 import pytest
-import torch
 
 import slimquant
 from slimquant.errors import RecipeError
@@ -95,13 +94,3 @@ def test_msmodelslim_names():
         == {"name": "awq"}
     recipe = AntiOutlierConfig(w_bit=4, a_bit=16, w_sym=False, anti_method="m3").to_recipe()
     assert [a["name"] for a in recipe.algorithms] == ["awq"]
-
-
-def test_the_scale_search_takes_exactly_search_samples_samples():
-    from slimquant_awq.plugin import _leading
-
-    batch = ((), {"hidden_states": torch.randn(4, 8, 16), "position_embeddings": (torch.randn(4, 8, 2),) * 2})
-    kept = _leading([batch, batch, batch], 6)
-    assert [inp[1]["hidden_states"].shape[0] for inp in kept] == [4, 2]
-    assert kept[1][1]["position_embeddings"][0].shape[0] == 2
-    assert [inp[1]["hidden_states"].shape[0] for inp in _leading([batch], 1)] == [1]

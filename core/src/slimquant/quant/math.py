@@ -228,4 +228,11 @@ def round_to_nearest(w: torch.Tensor, args, clip_ratio: torch.Tensor | float = 1
 def fake_quantize_weight(w: torch.Tensor, args, clip_ratio: torch.Tensor | float = 1.0, grid=None) -> torch.Tensor:
     """The weight as the plan's arguments (and grid, when the plan has one) would round it to nearest, back in w's
     dtype: what a search (AWQ's scales, a clipping grid) compares candidates with."""
-    return round_to_nearest(w, args, clip_ratio, grid).dequantize(w.dtype)
+    if grid is not None or args.strategy == "tensor":
+        return round_to_nearest(w, args, clip_ratio, grid).dequantize(w.dtype)
+    # the same arithmetic as round_to_nearest(...).dequantize(), without building and checking the codes
+    w32 = w.detach().float()
+    group_size = args.group_size if args.strategy == "group" else None
+    scale, zero = weight_qparams(w32, args.bits, args.symmetric, group_size, clip_ratio=clip_ratio)
+    fake = per_group(lambda x, s, z: fake_quantize(x, s, z, args.bits), w32, scale, zero, group_size)
+    return fake.to(w.dtype)

@@ -13,7 +13,7 @@ from torch import nn
 
 from slimquant.model.subgraphs import LayerTrace, Subgraph, linear_pairs, trace_layer
 from slimquant.quant.qweight import QuantizedWeight
-from slimquant.runtime.layer_inputs import batch_size, stateless_input
+from slimquant.runtime.layer_inputs import batch_size, leading_samples, stateless_input
 from slimquant.runtime.plan import LinearPlan
 
 LayerInput = tuple[tuple, dict]  # the (args, kwargs) the decoder layer was called with
@@ -109,11 +109,23 @@ class LayerContext:
                 return i + 1
         return len(self.inputs)
 
+    def leading_inputs(self, samples: int | None) -> list[LayerInput]:
+        """The calibration inputs holding the first `samples` samples (all when None), the last batch cut to fit."""
+        if samples is None:
+            return list(self.inputs)
+        kept = []
+        for inp in self.inputs:
+            if samples <= 0:
+                break
+            kept.append(leading_samples(inp, samples))
+            samples -= batch_size(inp)
+        return kept
+
     @torch.no_grad()
-    def block_inputs(self, block: str, max_samples: int | None = None) -> list[LayerInput]:
+    def block_inputs(self, block: str, samples: int | None = None) -> list[LayerInput]:
         """The (args, kwargs) the sub-module `block` (a name relative to the layer, e.g. "self_attn" or "mlp", or a
         full model name) receives on the layer's calibration inputs, as the layer is now. The layer stops at the
-        block, so nothing after it runs. At most `max_samples` calibration inputs are used (all when None)."""
+        block, so nothing after it runs. Only the first `samples` calibration samples are run (all when None)."""
         module = self._block(block)
         caught: list[LayerInput] = []
 
@@ -123,7 +135,7 @@ class LayerContext:
 
         handle = module.register_forward_pre_hook(catch, with_kwargs=True)
         try:
-            for inp in self.inputs[:max_samples]:
+            for inp in self.leading_inputs(samples):
                 try:
                     with self.precision():
                         self.run_layer([inp])
@@ -134,10 +146,10 @@ class LayerContext:
         return caught
 
     @torch.no_grad()
-    def linear_inputs(self, names: list[str], max_samples: int | None = None,
+    def linear_inputs(self, names: list[str], samples: int | None = None,
                       max_tokens: int | None = None) -> dict[str, torch.Tensor]:
         """The input rows ``[tokens, in_features]`` that each Linear of `names` receives on the layer's calibration
-        inputs, as the layer is now, from one run of the layer over at most `max_samples` inputs. With `max_tokens`,
+        inputs, as the layer is now, from one run of the layer over the first `samples` samples. With `max_tokens`,
         at most that many rows per Linear, evenly spaced. A Linear that sees no token (an MoE expert the router never
         chose) is left out."""
         caught: dict[str, list[torch.Tensor]] = {name: [] for name in names}
@@ -150,7 +162,7 @@ class LayerContext:
         handles = [self.module(name).register_forward_pre_hook(make_hook(name)) for name in names]
         try:
             with self.precision():
-                self.run_layer(self.inputs[:max_samples])
+                self.run_layer(self.leading_inputs(samples))
         finally:
             for handle in handles:
                 handle.remove()
@@ -180,9 +192,9 @@ class LayerContext:
     @property
     def trace(self) -> LayerTrace:
         if self._trace is None:
-            def run():
+            def run():  # one sample shows the structure (experts no token reached join their siblings)
                 with self.precision():
-                    self.run_layer(self.inputs[:1])
+                    self.run_layer(self.leading_inputs(1))
             self._trace = trace_layer(self.layer, self.prefix, self.linears, run)
         return self._trace
 

@@ -512,13 +512,18 @@ class LayerwiseQuantizer:
             if self.device.type != "cpu":
                 self.model.to("cpu")
 
-    def _smooth(self, ctx: LayerContext, quantized: list[str]) -> None:
+    def _smooth(self, ctx: LayerContext, quantized: list[str], keep: int) -> list[torch.Tensor]:
+        """Run the smoothers; return the float layer's outputs on the first `keep` inputs, from before any rewrite
+        (a smoother that also clips weights, as AWQ does, must not move the reference the errors are measured on)."""
         ctx.phase = "smooth"
+        float_out = None
         for smoother in self.algorithms.smoothers:  # each sees the layer as the previous one left it
-            self._observe_pass(ctx, {n: [smoother] for n in quantized})
+            outs = self._observe_pass(ctx, {n: [smoother] for n in quantized}, keep=keep if float_out is None else 0)
+            float_out = outs if float_out is None else float_out
             self._reduce_statistics(ctx)
             self.plugins.call(smoother, "smooth", ctx=ctx)
             ctx._trace = None  # the rewrite may have changed what the trace recorded (biases, scales)
+        return float_out
 
     def _load_layer(self, index: int) -> nn.Module:
         if self.source is None:
@@ -547,8 +552,12 @@ class LayerwiseQuantizer:
         plans = ctx.plans
         quantized = ctx.quantized_names()
 
+        # errors against float are measured on error_samples samples, shared among the processes
+        error_samples = -(-self.recipe.runtime.error_samples // self.ranks.size)
+        k = ctx.batches_covering(error_samples)
+        float_out = None
         if self.algorithms.smoothers and quantized:
-            self._smooth(ctx, quantized)
+            float_out = self._smooth(ctx, quantized, keep=0 if self.smooth_only else k)
         if self.smooth_only:
             with self._precision():
                 outs = ctx.run_layer()
@@ -557,10 +566,6 @@ class LayerwiseQuantizer:
                     LayerReport(index, time.perf_counter() - started, 0.0, 0, len(linears)))
 
         ctx.phase = "quantize"
-        # errors against float are measured on error_samples samples, shared among the processes
-        error_samples = -(-self.recipe.runtime.error_samples // self.ranks.size)
-        k = ctx.batches_covering(error_samples)
-        float_out = None
         for group in self._sequential_groups(ctx) if quantized else []:
             observers = self._observers(plans, group)
             if any(observers.values()):

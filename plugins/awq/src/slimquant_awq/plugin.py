@@ -26,7 +26,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from slimquant import smoothing
 from slimquant.hookspecs import hookimpl
 from slimquant.quant.math import fake_quantize_weight
-from slimquant.runtime.layer_inputs import batch_size, leading_samples
 from slimquant.runtime.plan import name_matches
 from slimquant.stats import Reduce, Statistic
 
@@ -41,8 +40,8 @@ class AWQConfig(BaseModel):
     duo_scaling: bool = Field(True, description="s = x^r / w^(1-r) (llm-compressor's default) instead of x^r")
     clip: bool = Field(True, description="search a per-group clipping range after scaling")
     max_shrink: float = Field(0.5, gt=0, lt=1, description="the clipping search shrinks ranges by at most this")
-    search_samples: int = Field(4, ge=1, description="calibration samples the scale search runs sub-blocks on")
-    search_tokens: int = Field(512, ge=16, description="tokens, evenly spaced over those samples, that the search "
+    search_samples: int = Field(1, ge=1, description="calibration samples the scale search runs sub-blocks on")
+    search_tokens: int = Field(256, ge=16, description="tokens, evenly spaced over those samples, that the search "
                                "runs a token-wise sub-block (the MLP, a Linear) on; attention gets whole samples")
     clip_tokens: int = Field(512, ge=16, description="input tokens the clipping search uses per Linear")
     clip_skip: list[str] = Field(default_factory=lambda: ["*q_proj", "*k_proj", "*.query", "*.key"],
@@ -58,11 +57,9 @@ class MeanAbs(Statistic):
         self.total: torch.Tensor | None = None
         self.tokens = 0
 
-    def update(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).float()
-        part = x.abs().sum(0)
-        self.total = part if self.total is None else self.total + part
-        self.tokens += x.shape[0]
+    def add(self, total: torch.Tensor, tokens: int) -> None:
+        self.total = total.clone() if self.total is None else self.total + total  # never shared: reduced in place
+        self.tokens += tokens
 
     @property
     def mean(self) -> torch.Tensor:
@@ -78,16 +75,21 @@ class AWQPlugin:
 
     def __init__(self, config: AWQConfig):
         self.config = config
+        self._last: tuple[torch.Tensor, torch.Tensor, int] | None = None  # q/k/v see one tensor: sum it once
 
     def observes(self, plan) -> bool:
         return False  # its statistics come from its own smoothing pass
 
     @hookimpl
     def observe(self, ctx, name, module, inputs, output):
-        ctx.state(self.name).setdefault(name, MeanAbs()).update(inputs)
+        if self._last is None or self._last[0] is not inputs:
+            x = inputs.detach().reshape(-1, inputs.shape[-1]).float()
+            self._last = (inputs, x.abs().sum(0), x.shape[0])
+        ctx.state(self.name).setdefault(name, MeanAbs()).add(*self._last[1:])
 
     @hookimpl
     def smooth(self, ctx):
+        self._last = None
         stats = ctx.state(self.name)
         guard = smoothing.Guard(ctx, self.name)
         for unit in smoothing.units(ctx, all_linears=True):
@@ -99,16 +101,14 @@ class AWQPlugin:
         guard.report()
         if self.config.clip:
             names = [n for n in ctx.quantized_names() if not any(name_matches(p, n) for p in self.config.clip_skip)]
-            inputs = ctx.linear_inputs(names, ctx.batches_covering(self.config.search_samples),
-                                       self.config.clip_tokens)
+            inputs = ctx.linear_inputs(names, self.config.search_samples, self.config.clip_tokens)
             for name, x in inputs.items():
                 self._clip(ctx, name, x)
 
     # -- scaling ------------------------------------------------------------------------------------------
 
     def _search_inputs(self, ctx, block: str):
-        inputs = ctx.block_inputs(block, max_samples=ctx.batches_covering(self.config.search_samples))
-        return _token_sample(_leading(inputs, self.config.search_samples), self.config.search_tokens)
+        return _token_sample(ctx.block_inputs(block, self.config.search_samples), self.config.search_tokens)
 
     @torch.no_grad()
     def _best_scales(self, ctx, unit, stats) -> torch.Tensor | None:
@@ -119,17 +119,21 @@ class AWQPlugin:
         inputs = self._search_inputs(ctx, block)
         reference = ctx.run_block(block, inputs)
         originals = {n: t.weight.detach().clone() for n, t in unit.targets.items()}
-        best, best_loss = None, self._loss(ctx, unit, block, inputs, reference, originals, None)
-        for step in range(self.config.n_grid):
-            ratio = step / self.config.n_grid
-            s = x_mean.clamp_min(1e-4).pow(ratio)
-            if self.config.duo_scaling:
-                s = s / w_mean.clamp_min(1e-4).pow(1 - ratio)
-            s = s / (s.max() * s.min()).sqrt()
-            s = torch.where(torch.isfinite(s) & (s > 0), s, torch.ones_like(s))
-            loss = self._loss(ctx, unit, block, inputs, reference, originals, s)
-            if loss < best_loss:
-                best, best_loss = s, loss
+        try:  # each candidate overwrites the targets' weights; the originals come back once, at the end
+            best, best_loss = None, self._loss(ctx, unit, block, inputs, reference, originals, None)
+            for step in range(self.config.n_grid):
+                ratio = step / self.config.n_grid
+                s = x_mean.clamp_min(1e-4).pow(ratio)
+                if self.config.duo_scaling:
+                    s = s / w_mean.clamp_min(1e-4).pow(1 - ratio)
+                s = s / (s.max() * s.min()).sqrt()
+                s = torch.where(torch.isfinite(s) & (s > 0), s, torch.ones_like(s))
+                loss = self._loss(ctx, unit, block, inputs, reference, originals, s)
+                if loss < best_loss:
+                    best, best_loss = s, loss
+        finally:
+            for name, target in unit.targets.items():
+                target.weight.data.copy_(originals[name])
         log.debug("%s: %s -> %s best loss %.3e (%s)", self.name, unit.source, block, best_loss,
                   "scaled" if best is not None else "no scaling")
         return best
@@ -149,20 +153,18 @@ class AWQPlugin:
         return torch.stack(means).mean(0)
 
     def _loss(self, ctx, unit, block, inputs, reference, originals, s) -> float:
-        try:
-            for name, target in unit.targets.items():
-                args = ctx.plan(name).scheme.weights if ctx.plan(name) else None
-                if args is None:
-                    continue
-                w = originals[name].float()
-                cols = None if s is None else unit.expand(s).to(w.device)
-                scaled = w if cols is None else w * cols
-                fake = fake_quantize_weight(scaled, args)
-                target.weight.data.copy_((fake if cols is None else fake / cols).to(target.weight.dtype))
-            outs = ctx.run_block(block, inputs)
-        finally:
-            for name, target in unit.targets.items():
-                target.weight.data.copy_(originals[name])
+        """The sub-block's output error with the targets scaled by s (None: unscaled) and fake-quantized; the
+        targets keep those weights (the caller restores them)."""
+        for name, target in unit.targets.items():
+            args = ctx.plan(name).scheme.weights if ctx.plan(name) else None
+            if args is None:
+                continue
+            w = originals[name].float()
+            cols = None if s is None else unit.expand(s).to(w.device)
+            scaled = w if cols is None else w * cols
+            fake = fake_quantize_weight(scaled, args)
+            target.weight.data.copy_((fake if cols is None else fake / cols).to(target.weight.dtype))
+        outs = ctx.run_block(block, inputs)
         num = sum(float((o - r).float().pow(2).sum()) for o, r in zip(outs, reference, strict=True))
         return num / max(sum(r.numel() for r in reference), 1)
 
@@ -216,18 +218,6 @@ def _group_output_error(xg: torch.Tensor):
         def error(d: torch.Tensor) -> torch.Tensor:
             return torch.bmm(xt, d.permute(1, 2, 0)).pow_(2).mean(1).t()
     return error
-
-
-def _leading(inputs, samples: int):
-    """The first `samples` calibration samples of batched sub-block inputs (the last batch cut if need be)."""
-    kept = []
-    for inp in inputs:
-        if samples <= 0:
-            break
-        inp = leading_samples(inp, samples)
-        samples -= batch_size(inp)
-        kept.append(inp)
-    return kept
 
 
 def _token_sample(inputs, tokens: int):
