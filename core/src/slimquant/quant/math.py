@@ -206,6 +206,17 @@ def dynamic_token_fake_quant(x: torch.Tensor, bits: int, symmetric: bool) -> tor
     return fake_quantize(x, scale, zero, bits)
 
 
+def _uniform_qparams(w: torch.Tensor, args, clip_ratio) -> tuple[torch.Tensor, torch.Tensor | None, int | None]:
+    """Min-max scale and zero point [rows, groups] of a float32 2-D weight on the uniform grid, and the group size
+    they apply to (None: one per row; a per-tensor scale is repeated on every row)."""
+    if args.strategy == "tensor":
+        scale, zero = weight_qparams(w.reshape(1, -1), args.bits, args.symmetric, None, clip_ratio=clip_ratio)
+        zero = None if zero is None else zero.expand(w.shape[0], 1).contiguous()
+        return scale.expand(w.shape[0], 1).contiguous(), zero, None
+    group_size = args.group_size if args.strategy == "group" else None
+    return (*weight_qparams(w, args.bits, args.symmetric, group_size, clip_ratio=clip_ratio), group_size)
+
+
 def round_to_nearest(w: torch.Tensor, args, clip_ratio: torch.Tensor | float = 1.0, grid=None) -> QuantizedWeight:
     """Min-max round-to-nearest of a 2-D weight with a plan's WeightArgs (per tensor, channel or group), each range
     optionally shrunk by `clip_ratio` ([rows, groups] or a scalar). With a `grid` (a `slimquant.quant.grid.WeightGrid`,
@@ -215,24 +226,17 @@ def round_to_nearest(w: torch.Tensor, args, clip_ratio: torch.Tensor | float = 1
         if args.strategy == "tensor":
             raise ValueError("a weight grid scales per channel or per group, not per tensor")
         return grid.round_to_nearest(w, grid.group_size(args), clip_ratio)
-    if args.strategy == "tensor":
-        scale, zero = weight_qparams(w.reshape(1, -1), args.bits, args.symmetric, None, clip_ratio=clip_ratio)
-        scale = scale.expand(w.shape[0], 1).contiguous()
-        zero = None if zero is None else zero.expand(w.shape[0], 1).contiguous()
-        return quantize_weight_with(w, scale, zero, args.bits, None)
-    group_size = args.group_size if args.strategy == "group" else None
-    scale, zero = weight_qparams(w, args.bits, args.symmetric, group_size, clip_ratio=clip_ratio)
+    scale, zero, group_size = _uniform_qparams(w, args, clip_ratio)
     return quantize_weight_with(w, scale, zero, args.bits, group_size)
 
 
 def fake_quantize_weight(w: torch.Tensor, args, clip_ratio: torch.Tensor | float = 1.0, grid=None) -> torch.Tensor:
     """The weight as the plan's arguments (and grid, when the plan has one) would round it to nearest, back in w's
     dtype: what a search (AWQ's scales, a clipping grid) compares candidates with."""
-    if grid is not None or args.strategy == "tensor":
+    if grid is not None:
         return round_to_nearest(w, args, clip_ratio, grid).dequantize(w.dtype)
     # the same arithmetic as round_to_nearest(...).dequantize(), without building and checking the codes
     w32 = w.detach().float()
-    group_size = args.group_size if args.strategy == "group" else None
-    scale, zero = weight_qparams(w32, args.bits, args.symmetric, group_size, clip_ratio=clip_ratio)
+    scale, zero, group_size = _uniform_qparams(w32, args, clip_ratio)
     fake = per_group(lambda x, s, z: fake_quantize(x, s, z, args.bits), w32, scale, zero, group_size)
     return fake.to(w.dtype)

@@ -516,10 +516,11 @@ class LayerwiseQuantizer:
         """Run the smoothers; return the float layer's outputs on the first `keep` inputs, from before any rewrite
         (a smoother that also clips weights, as AWQ does, must not move the reference the errors are measured on)."""
         ctx.phase = "smooth"
-        float_out = None
-        for smoother in self.algorithms.smoothers:  # each sees the layer as the previous one left it
-            outs = self._observe_pass(ctx, {n: [smoother] for n in quantized}, keep=keep if float_out is None else 0)
-            float_out = outs if float_out is None else float_out
+        float_out = []
+        for i, smoother in enumerate(self.algorithms.smoothers):  # each sees the layer as the previous one left it
+            outs = self._observe_pass(ctx, {n: [smoother] for n in quantized}, keep=keep if i == 0 else 0)
+            if i == 0:
+                float_out = outs
             self._reduce_statistics(ctx)
             self.plugins.call(smoother, "smooth", ctx=ctx)
             ctx._trace = None  # the rewrite may have changed what the trace recorded (biases, scales)
