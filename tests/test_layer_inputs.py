@@ -6,7 +6,7 @@ from tiny_models import ARCHS, tiny_model, token_samples
 from transformers.cache_utils import DynamicCache
 
 from slimquant.model.structure import find_decoder_layers
-from slimquant.runtime.layer_inputs import NotReplayable, first_sample, leading_samples, stateless_input
+from slimquant.runtime.layer_inputs import NotReplayable, first_sample, leading_samples, leading_tokens, stateless_input
 
 
 def _first_layer_calls(model, run):
@@ -93,3 +93,36 @@ def test_leading_samples_keeps_the_first_rows_of_a_batch():
     assert kwargs["attention_mask"].shape == (3, 1, 8, 8)
     whole = ((hidden,), {})
     assert leading_samples(whole, 4) is whole and leading_samples(whole, 9) is whole
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_leading_tokens_give_the_first_rows_of_the_full_output(arch):
+    from slimquant.runtime.context import hidden_of
+
+    model = tiny_model(arch)
+    layer, calls = _first_layer_calls(model, lambda: model(token_samples(1, 40)[0]))
+    full = stateless_input(*calls[0])
+    short = leading_tokens(full, 16)
+    assert leading_tokens(full, 40) is full
+    with torch.no_grad():
+        expected = hidden_of(layer(*full[0], **full[1]))[:, :16]
+        out = hidden_of(layer(*short[0], **short[1]))
+    assert torch.allclose(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_the_smoothing_guard_checks_on_the_leading_tokens_when_they_agree(monkeypatch):
+    from slimquant import smoothing
+    from slimquant.runtime.context import LayerContext
+
+    model = tiny_model("llama")
+    layer, calls = _first_layer_calls(model, lambda: model(token_samples(1, 96)[0]))
+    ctx = LayerContext(0, "model.layers.0", layer, torch.device("cpu"), {}, {}, [stateless_input(*calls[0])])
+    guard = smoothing.Guard(ctx, "test")
+    assert guard.check_input[0][0].shape[1] == smoothing.GUARD_TOKENS == guard.reference.shape[1]
+
+    def off_by_one(inp, count):  # a cut whose output is not the first rows of the full one
+        args, kwargs = leading_tokens(inp, count)
+        return (inp[0][0][:, 1:count + 1], *args[1:]), kwargs
+
+    monkeypatch.setattr(smoothing, "leading_tokens", off_by_one)
+    assert smoothing.Guard(ctx, "test").check_input[0][0].shape[1] == 96  # so the whole sample stays

@@ -174,7 +174,8 @@ def test_piecewise_search_never_loses_to_no_smoothing():
 # -- structures that cannot be smoothed ------------------------------------------------------------------------------
 
 
-def test_post_norm_shortcut_is_left_alone_and_still_quantized(caplog):
+@pytest.mark.parametrize("seqlen", [32, 96])  # 96: the guard checks the first 64 tokens only
+def test_post_norm_shortcut_is_left_alone_and_still_quantized(caplog, seqlen):
     need("smoothquant")
     cfg = transformers.OPTConfig(vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
                                  num_attention_heads=4, word_embed_proj_dim=64, max_position_embeddings=128,
@@ -186,7 +187,7 @@ def test_post_norm_shortcut_is_left_alone_and_still_quantized(caplog):
     reference = logits(model, ids)
     with caplog.at_level(logging.WARNING, logger="slimquant.smoothing"):
         slimquant.smooth_only(model, recipe([{"name": "smoothquant", "smooth_all_linears": True}]),
-                              samples=token_samples(4, 32))
+                              samples=token_samples(4, seqlen))
     assert rel(logits(model, ids), reference) < 1e-4
     assert "model.decoder.layers.0.self_attn_layer_norm" in caplog.text and "post-norm" in caplog.text
     slimquant.quantize(model, recipe([{"name": "smoothquant"}]), samples=token_samples(4, 32))

@@ -79,3 +79,26 @@ def leading_samples(inp: tuple[tuple, dict], count: int) -> tuple[tuple, dict]:
 
 def first_sample(inp: tuple[tuple, dict]) -> tuple[tuple, dict]:
     return leading_samples(inp, 1)
+
+
+def leading_tokens(inp: tuple[tuple, dict], count: int) -> tuple[tuple, dict]:
+    """One layer call cut down to its first `count` tokens: every dimension of every tensor that has the hidden
+    states' length (the tokens; a mask has two) keeps its first `count` entries. A causal layer gives the first
+    `count` rows of its full output on it. Another dimension of that length by chance would be cut too: a caller
+    checks the result against the full call before relying on it."""
+    args, kwargs = inp
+    length = _hidden_length(args, kwargs)
+    if length is None or length <= count:
+        return inp
+
+    def cut(value):
+        if torch.is_tensor(value):
+            for dim, size in enumerate(value.shape):
+                if size == length:
+                    value = value.narrow(dim, 0, count)
+            return value
+        if isinstance(value, tuple | list):
+            return type(value)(cut(v) for v in value)
+        return value
+
+    return tuple(cut(a) for a in args), {k: cut(v) for k, v in kwargs.items()}
