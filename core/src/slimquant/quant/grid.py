@@ -115,12 +115,17 @@ class CodebookGrid(WeightGrid):
             return torch.bucketize(x.contiguous(), self._midpoints.to(w.device)).to(w.dtype).add_(low)
         shape = torch.broadcast_shapes(w.shape, scale.shape)
         w, scale = torch.broadcast_tensors(torch.atleast_1d(w), torch.atleast_1d(scale))
-        codes = torch.empty(w.shape, dtype=w.dtype, device=w.device)
-        step = max(1, _CHUNK // max(1, w[0].numel())) if w.numel() else 1
-        for start in range(0, w.shape[0], step):
-            part = slice(start, start + step)
-            codes[part] = self._cells.index(torch.nan_to_num_(w[part] / scale[part], nan=0.0))
-        return codes.add_(low).reshape(shape)
+        codes = torch.empty(w.shape, dtype=torch.float32, device=w.device)
+        if w.numel():
+            step = max(1, _CHUNK // w[0].numel())
+            x = torch.empty(min(step, w.shape[0]) * w[0].numel(), device=w.device)
+            lookup = self._cells.lookup(x.numel(), w.device)
+            for start in range(0, w.shape[0], step):
+                part = slice(start, start + step)
+                xs = x[:w[part].numel()]
+                torch.div(w[part], scale[part], out=xs.view(w[part].shape)).nan_to_num_(nan=0.0)
+                lookup(xs, codes[part].view(-1))
+        return codes.add_(low).to(w.dtype).reshape(shape)
 
     def dequantize(self, codes, scale, zero):
         return self.codebook.to(codes.device)[codes.long() - qrange(self.bits)[0]] * scale
@@ -161,13 +166,28 @@ class _MidpointCells:
 
     def index(self, x: torch.Tensor) -> torch.Tensor:
         """Float indices (0 .. len(midpoints)) of the nearest values of finite x (any shape)."""
-        below, midpoint = self._tables(x.device)
-        half = self.cells / 2
-        cell = (x * half + half).clamp_(0, self.cells - 1).to(torch.int32).reshape(-1)
-        flat = x.reshape(-1)
-        index = torch.index_select(below, 0, cell)
-        index += torch.gt(flat, torch.index_select(midpoint, 0, cell))
-        return index.view(x.shape)
+        flat = x.reshape(-1).float().contiguous()
+        out = torch.empty_like(flat)
+        self.lookup(flat.numel(), x.device)(flat, out)
+        return out.view(x.shape)
+
+    def lookup(self, size: int, device: torch.device):
+        """A function writing the indices of flat float32 x (at most `size` elements) into `out`, through buffers
+        made once: each step writes into memory it has used before (fresh temporaries per step cost more in page
+        faults than the lookup itself)."""
+        below, midpoint = self._tables(device)
+        half, last = self.cells / 2, self.cells - 1
+        cell = torch.empty(size, dtype=torch.int64, device=device)  # int32 indices read slower here
+        mid = torch.empty(size, device=device)
+
+        def run(x: torch.Tensor, out: torch.Tensor) -> None:
+            n = x.numel()
+            torch.mul(x, half, out=out).add_(half).clamp_(0, last)
+            cell[:n].copy_(out)  # truncation: the cell below
+            torch.index_select(below, 0, cell[:n], out=out)
+            torch.index_select(midpoint, 0, cell[:n], out=mid[:n])
+            out.add_(torch.lt(mid[:n], x, out=mid[:n]))  # 1.0 above the cell's midpoint
+        return run
 
     def _tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if device not in self._on:
