@@ -62,19 +62,10 @@ def leading_samples(inp: tuple[tuple, dict], count: int) -> tuple[tuple, dict]:
     """One batched layer (or sub-block) call cut down to its first `count` samples: every tensor whose first
     dimension is the batch of the hidden states (masks, position tables built per sample) keeps its first `count`
     rows; the rest is shared."""
-    args, kwargs = inp
     batch = batch_size(inp)
     if batch <= count:
         return inp
-
-    def cut(value):
-        if torch.is_tensor(value):
-            return value[:count] if value.dim() >= 2 and value.shape[0] == batch else value
-        if isinstance(value, tuple | list):
-            return type(value)(cut(v) for v in value)
-        return value
-
-    return tuple(cut(a) for a in args), {k: cut(v) for k, v in kwargs.items()}
+    return _map_tensors(inp, lambda t: t[:count] if t.dim() >= 2 and t.shape[0] == batch else t)
 
 
 def first_sample(inp: tuple[tuple, dict]) -> tuple[tuple, dict]:
@@ -86,19 +77,27 @@ def leading_tokens(inp: tuple[tuple, dict], count: int) -> tuple[tuple, dict]:
     states' length (the tokens; a mask has two) keeps its first `count` entries. A causal layer gives the first
     `count` rows of its full output on it. Another dimension of that length by chance would be cut too: a caller
     checks the result against the full call before relying on it."""
-    args, kwargs = inp
-    length = _hidden_length(args, kwargs)
+    length = _hidden_length(*inp)
     if length is None or length <= count:
         return inp
 
-    def cut(value):
+    def cut(t: torch.Tensor) -> torch.Tensor:
+        for dim, size in enumerate(t.shape):
+            if size == length:
+                t = t.narrow(dim, 0, count)
+        return t
+
+    return _map_tensors(inp, cut)
+
+
+def _map_tensors(inp: tuple[tuple, dict], fn) -> tuple[tuple, dict]:
+    """The call with `fn` applied to every tensor in its args and kwargs, inside tuples and lists too."""
+    def walk(value):
         if torch.is_tensor(value):
-            for dim, size in enumerate(value.shape):
-                if size == length:
-                    value = value.narrow(dim, 0, count)
-            return value
+            return fn(value)
         if isinstance(value, tuple | list):
-            return type(value)(cut(v) for v in value)
+            return type(value)(walk(v) for v in value)
         return value
 
-    return tuple(cut(a) for a in args), {k: cut(v) for k, v in kwargs.items()}
+    args, kwargs = inp
+    return tuple(walk(a) for a in args), {k: walk(v) for k, v in kwargs.items()}
