@@ -1,5 +1,6 @@
 """A third-party plugin, unknown to slimquant, found through a real entry point on sys.path."""
 
+import copy
 import sys
 import textwrap
 
@@ -10,6 +11,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import slimquant
 from slimquant import plugins as registry
 from slimquant.errors import RecipeError
+from slimquant.quant.fake_linear import FakeQuantLinear
+from slimquant.testing import tiny_model, token_samples
 
 PLUGIN_SOURCE = '''
 from typing import Literal
@@ -146,3 +149,19 @@ def test_a_plugin_is_only_called_for_the_linears_its_plan_names(third_party):
     calls = halfrange_plugin.CALLS
     assert len(calls) == 14 and len(set(calls)) == 14
     assert all((algo == "quarterrange") == name.endswith("down_proj") for algo, name in calls)
+
+
+@pytest.mark.parametrize("algorithm", ["minmax", "gptq", "sparse"])
+def test_symmetric_scale_rule_reaches_every_uniform_weight_algorithm(algorithm):
+    """weights.symmetric_scale: 'signed' (default) gives negative scales where a group's extreme weight is positive;
+    'absmax' only positive ones. Every algorithm that chooses uniform-grid scales honours it."""
+    model = tiny_model("llama")
+    calib = token_samples(4, 32, seed=0)
+    signs = {}
+    for rule in ("signed", "absmax"):
+        m = copy.deepcopy(model)
+        slimquant.quantize(m, {"weights": {"bits": 4, "symmetric": True, "group_size": 32, "symmetric_scale": rule},
+                               "algorithms": [algorithm], "runtime": {"progress": False}}, samples=calib)
+        scales = torch.cat([mod.weight_scale.flatten() for mod in m.modules() if isinstance(mod, FakeQuantLinear)])
+        signs[rule] = bool((scales < 0).any()), bool((scales > 0).all())
+    assert signs == {"signed": (True, False), "absmax": (False, True)}

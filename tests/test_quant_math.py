@@ -19,11 +19,35 @@ from slimquant.quant.qweight import QuantizedWeight, num_groups, qrange
 def test_round_trip_error_is_at_most_half_a_step(bits, symmetric):
     torch.manual_seed(bits)
     w = torch.randn(16, 96)
-    scale, zero = weight_qparams(w, bits, symmetric, group_size=None)
+    scale, zero = weight_qparams(w, bits, symmetric, group_size=None, signed=False)
     q = quantize_weight_with(w, scale, zero, bits, None)
     err = (q.dequantize() - w).abs()
     assert (err <= scale / 2 + 1e-6).all()
     lo, hi = qrange(bits)
+    assert int(q.codes.min()) >= lo and int(q.codes.max()) <= hi
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_signed_symmetric_scales_put_the_extreme_on_the_lowest_code(bits):
+    """Signed scales: the weight of largest magnitude is code -2^(bits-1) exactly; the step is 1/2^(bits-1) of it
+    (absmax's is 1/(2^(bits-1) - 1)); only weights past the top code on the other side round by more than half a
+    step, and never by more than a step."""
+    torch.manual_seed(bits)
+    w = torch.randn(16, 96)
+    w[1] = w[1].abs()  # a row whose extreme is positive: a negative scale
+    scale, zero = weight_qparams(w, bits, True, group_size=None)
+    absmax_scale, _ = weight_qparams(w, bits, True, group_size=None, signed=False)
+    lo, hi = qrange(bits)
+    assert zero is None and bool((scale[1] < 0).all())
+    assert torch.allclose(scale.abs() * -lo, w.abs().amax(1, keepdim=True))
+    assert bool((scale.abs() < absmax_scale).all())
+    q = quantize_weight_with(w, scale, zero, bits, None)
+    extreme = w.abs().argmax(1)
+    assert bool((q.codes.gather(1, extreme[:, None]) == lo).all())
+    err = (q.dequantize() - w).abs()
+    inside = (w / scale) <= hi + 0.5
+    assert bool((err[inside] <= scale.abs().expand_as(w)[inside] / 2 + 1e-6).all())
+    assert bool((err <= scale.abs() + 1e-6).all())
     assert int(q.codes.min()) >= lo and int(q.codes.max()) <= hi
 
 

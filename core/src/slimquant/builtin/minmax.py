@@ -20,7 +20,7 @@ from slimquant.config.scheme import Strategy
 from slimquant.errors import CalibrationError
 from slimquant.hookspecs import hookimpl
 from slimquant.quant.actparams import ActQParams
-from slimquant.quant.math import fake_quantize, range_to_qparams, round_to_nearest, search_clip_ratio
+from slimquant.quant.math import fake_quantize, range_to_qparams, round_to_nearest, search_clip_ratio, signed_scale
 from slimquant.quant.observers import Histogram, MinMax, TokenSample
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,8 @@ class MinMaxPlugin:
         if self.config.clip_search and args.strategy != Strategy.TENSOR:
             group_size = args.group_size if args.strategy == Strategy.GROUP else None
             group_size = group_size if grid is None else grid.group_size(args)
-            ratio = search_clip_ratio(w, args.bits, args.symmetric, group_size, weight_grid=grid)
+            ratio = search_clip_ratio(w, args.bits, args.symmetric, group_size, weight_grid=grid,
+                                      signed=signed_scale(args))
         return round_to_nearest(w, args, ratio, grid)
 
     # -- activations ------------------------------------------------------------------------------------

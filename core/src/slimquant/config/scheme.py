@@ -22,6 +22,11 @@ class WeightArgs(BaseModel):
 
     bits: int = Field(8, ge=1, le=8, description="integer bits per weight, 1 to 8 (1: asymmetric only)")
     symmetric: bool = True
+    symmetric_scale: Literal["signed", "absmax"] = Field(
+        "signed", description="symmetric weights: 'signed' scales each group by its weight of largest magnitude, sign "
+                              "kept, over -2^(bits-1), so that weight is code -2^(bits-1) and every code is used "
+                              "(llama.cpp's Q4_0 rule; negative where that weight is positive); 'absmax' by "
+                              "max|w| / (2^(bits-1) - 1), positive, code -2^(bits-1) unused")
     strategy: Strategy | None = None
     group_size: int | None = Field(None, description="input channels per scale; the last group may be shorter")
     channel_bits: int | None = Field(

@@ -36,9 +36,10 @@ class WeightGrid:
 
     codebook: torch.Tensor | None = None
 
-    def __init__(self, bits: int, symmetric: bool):
+    def __init__(self, bits: int, symmetric: bool, signed: bool = True):
         self.bits = bits
         self.symmetric = symmetric
+        self.signed = signed  # symmetric scales: see slimquant.quant.math.weight_range_to_qparams
 
     def group_size(self, args) -> int | None:
         """Input channels per scale for these WeightArgs (None: one scale per output channel)."""
@@ -47,7 +48,7 @@ class WeightGrid:
     def qparams(self, w: torch.Tensor, group_size: int | None, g_idx: torch.Tensor | None = None,
                 clip_ratio: torch.Tensor | float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Scale and zero point [rows, groups] of the 2-D weight `w`, each group's range shrunk by `clip_ratio`."""
-        return weight_qparams(w, self.bits, self.symmetric, group_size, g_idx, clip_ratio)
+        return weight_qparams(w, self.bits, self.symmetric, group_size, g_idx, clip_ratio, self.signed)
 
     def quantize_scales(self, scale: torch.Tensor) -> QuantizedScale | None:
         """How the [rows, groups] scales are stored when not as float32; None: as they are."""

@@ -27,6 +27,21 @@ def range_to_qparams(
     return scale, zero
 
 
+def weight_range_to_qparams(
+    xmin: torch.Tensor, xmax: torch.Tensor, bits: int, symmetric: bool, signed: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """range_to_qparams for weights. Symmetric with `signed` (WeightArgs.symmetric_scale "signed"): the scale is the
+    range's endpoint of larger magnitude, sign kept, over -2^(b-1), so that endpoint is exactly code -2^(b-1) and all
+    2^b codes are used: a step of 1/2^(b-1) of the range, where absmax / (2^(b-1) - 1) leaves code -2^(b-1) unused
+    (llama.cpp's Q4_0 rule). The scale is negative where that endpoint is positive."""
+    if not (symmetric and signed):
+        return range_to_qparams(xmin, xmax, bits, symmetric)
+    lo, _ = qrange(bits)
+    xmin, xmax = torch.clamp(xmin, max=0.0), torch.clamp(xmax, min=0.0)
+    scale = torch.where(-xmin >= xmax, xmin, xmax) / lo
+    return torch.where(scale.abs() < EPS, EPS, scale), None
+
+
 def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int) -> torch.Tensor:
     """round(x / scale + zero), clamped: the zero point is added before rounding, as compressed-tensors and vLLM
     quantize activations, so that a fake-quantized model and the engine running its export agree bit for bit (adding
@@ -92,14 +107,16 @@ def weight_qparams(
     group_size: int | None,
     g_idx: torch.Tensor | None = None,
     clip_ratio: torch.Tensor | float = 1.0,
+    signed: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Min-max scales per output channel and group, optionally shrunk by `clip_ratio` ([rows, groups] or scalar)."""
+    """Min-max scales per output channel and group, optionally shrunk by `clip_ratio` ([rows, groups] or scalar);
+    `signed`: see weight_range_to_qparams."""
     w = w.float()
     if g_idx is None:
         xmin, xmax = contiguous_group_minmax(w, group_size)
     else:
         xmin, xmax = group_minmax(w, g_idx, num_groups(w.shape[1], group_size))
-    return range_to_qparams(xmin * clip_ratio, xmax * clip_ratio, bits, symmetric)
+    return weight_range_to_qparams(xmin * clip_ratio, xmax * clip_ratio, bits, symmetric, signed)
 
 
 def per_group(fn, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group_size: int | None,
@@ -139,6 +156,7 @@ def search_clip_ratio(
     min_ratio: float = 0.5,
     norm: float = 2.4,
     weight_grid=None,
+    signed: bool = True,
 ) -> torch.Tensor:
     """Per (row, group) shrink of the min-max range that minimises sum |w - Q(w)|^norm (a grid search).
 
@@ -167,7 +185,7 @@ def search_clip_ratio(
     lo_q, hi_q = qrange(bits)
     for start in range(0, len(ratios), chunk):
         r = torch.tensor(ratios[start:start + chunk], device=w.device).view(-1, 1, 1)
-        scale, zero = range_to_qparams(xmin * r, xmax * r, bits, symmetric)  # [k, rows, groups]
+        scale, zero = weight_range_to_qparams(xmin * r, xmax * r, bits, symmetric, signed)  # [k, rows, groups]
         scale, zero = scale.unsqueeze(-1), None if zero is None else zero.unsqueeze(-1)
         q = torch.round(wg / scale)
         if zero is not None:
@@ -220,12 +238,19 @@ def dynamic_token_fake_quant(x: torch.Tensor, bits: int, symmetric: bool) -> tor
 def _uniform_qparams(w: torch.Tensor, args, clip_ratio) -> tuple[torch.Tensor, torch.Tensor | None, int | None]:
     """Min-max scale and zero point [rows, groups] of a float32 2-D weight on the uniform grid, and the group size
     they apply to (None: one per row; a per-tensor scale is repeated on every row)."""
+    signed = signed_scale(args)
     if args.strategy == "tensor":
-        scale, zero = weight_qparams(w.reshape(1, -1), args.bits, args.symmetric, None, clip_ratio=clip_ratio)
+        scale, zero = weight_qparams(w.reshape(1, -1), args.bits, args.symmetric, None, clip_ratio=clip_ratio,
+                                     signed=signed)
         zero = None if zero is None else zero.expand(w.shape[0], 1).contiguous()
         return scale.expand(w.shape[0], 1).contiguous(), zero, None
     group_size = args.group_size if args.strategy == "group" else None
-    return (*weight_qparams(w, args.bits, args.symmetric, group_size, clip_ratio=clip_ratio), group_size)
+    return (*weight_qparams(w, args.bits, args.symmetric, group_size, clip_ratio=clip_ratio, signed=signed), group_size)
+
+
+def signed_scale(args) -> bool:
+    """Whether WeightArgs (or any object with their fields) ask for signed symmetric scales."""
+    return getattr(args, "symmetric_scale", "signed") == "signed"
 
 
 def round_to_nearest(w: torch.Tensor, args, clip_ratio: torch.Tensor | float = 1.0, grid=None) -> QuantizedWeight:

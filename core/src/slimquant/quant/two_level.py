@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from slimquant.quant.grid import WeightGrid
-from slimquant.quant.math import EPS
+from slimquant.quant.math import EPS, signed_scale
 from slimquant.quant.qweight import QuantizedWeight
 
 
@@ -39,14 +39,14 @@ class TwoLevelScale:
 
 
 class TwoLevelGrid(WeightGrid):
-    def __init__(self, bits: int, symmetric: bool, channel_bits: int):
-        super().__init__(bits, symmetric)
+    def __init__(self, bits: int, symmetric: bool, channel_bits: int, signed: bool = True):
+        super().__init__(bits, symmetric, signed)
         self.channel_bits = channel_bits
 
     def quantize_scales(self, scale: torch.Tensor) -> TwoLevelScale:
         scale = scale.float()
         top = 2 ** (self.bits - 1) / (2 ** (self.channel_bits - 1) - 1)
-        channel = (scale.amax(dim=1, keepdim=True) * top).clamp_min(EPS)
+        channel = (scale.abs().amax(dim=1, keepdim=True) * top).clamp_min(EPS)  # group scales may be negative
         return TwoLevelScale((scale / channel).contiguous(), channel.contiguous(), self.channel_bits)
 
     def quantized_weight(self, codes, scale, zero, group_size, g_idx=None, scale_quant=None) -> QuantizedWeight:
@@ -59,4 +59,4 @@ class TwoLevelGrid(WeightGrid):
 def two_level_grid(args) -> TwoLevelGrid | None:
     """The grid of WeightArgs with `channel_bits` (None without)."""
     channel_bits = getattr(args, "channel_bits", None)
-    return None if not channel_bits else TwoLevelGrid(args.bits, args.symmetric, channel_bits)
+    return None if not channel_bits else TwoLevelGrid(args.bits, args.symmetric, channel_bits, signed_scale(args))

@@ -36,15 +36,16 @@ class GPTQSettings:
     act_order: bool = False
     static_groups: bool = False
     mse: bool = False  # grid-search each group's clipping range instead of taking its min-max
+    signed: bool = True  # symmetric scales: see slimquant.quant.math.weight_range_to_qparams
 
 
 def group_qparams(w: torch.Tensor, s: GPTQSettings, group_size: int | None, grid: WeightGrid | None = None):
     """Scale and zero [rows, groups] of `w`: min-max (or the grid's), or with the range shrink of least rounding
     error (mse)."""
-    ratio = search_clip_ratio(w, s.bits, s.symmetric, group_size, weight_grid=grid) if s.mse else 1.0
+    ratio = search_clip_ratio(w, s.bits, s.symmetric, group_size, weight_grid=grid, signed=s.signed) if s.mse else 1.0
     if grid is not None:
         return grid.qparams(w, group_size, clip_ratio=ratio)
-    return weight_qparams(w, s.bits, s.symmetric, group_size, clip_ratio=ratio)
+    return weight_qparams(w, s.bits, s.symmetric, group_size, clip_ratio=ratio, signed=s.signed)
 
 
 def _round_column(grid: WeightGrid | None, x, sc, z, q, err, lo: int, hi: int) -> None:

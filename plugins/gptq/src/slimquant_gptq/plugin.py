@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from slimquant.config.scheme import Strategy
 from slimquant.hookspecs import hookimpl
 from slimquant.quant.hessian import accumulate_shared
-from slimquant.quant.math import quantize_weight_with, round_to_nearest, search_clip_ratio
+from slimquant.quant.math import quantize_weight_with, round_to_nearest, search_clip_ratio, signed_scale
 from slimquant.quant.qweight import QuantizedWeight
 from slimquant_gptq.gptq import GPTQSettings, gptq_quantize, group_qparams
 
@@ -73,7 +73,7 @@ class GPTQPlugin:
         c = self.config
         settings = GPTQSettings(bits=args.bits, symmetric=args.symmetric, group_size=group_size,
                                 damp_percent=c.damp_percent, block_size=c.block_size, act_order=c.act_order,
-                                static_groups=c.static_groups, mse=c.mse)
+                                static_groups=c.static_groups, mse=c.mse, signed=signed_scale(args))
         state = ctx.state(self.name)
         state.pop("last input", None)
         done = state.setdefault("quantized with a sibling", {})

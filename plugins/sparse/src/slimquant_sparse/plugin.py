@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from slimquant.config.scheme import Strategy
 from slimquant.hookspecs import hookimpl
 from slimquant.quant.hessian import accumulate_shared
+from slimquant.quant.math import signed_scale
 from slimquant_sparse.magnitude import magnitude_prune_quantize
 from slimquant_sparse.settings import SparseSettings
 from slimquant_sparse.sparsegpt import sparsegpt_quantize
@@ -79,7 +80,7 @@ class SparsePlugin:
 
     def settings(self, args) -> SparseSettings:
         c = self.config
-        return SparseSettings(bits=args.bits, symmetric=args.symmetric,
+        return SparseSettings(bits=args.bits, symmetric=args.symmetric, signed=signed_scale(args),
                               group_size=args.group_size if args.strategy == Strategy.GROUP else None,
                               per_tensor=args.strategy == Strategy.TENSOR, sparsity=c.sparsity, pattern=c.pattern,
                               blocksize=c.blocksize, percdamp=c.percdamp, fraction=c.fraction,

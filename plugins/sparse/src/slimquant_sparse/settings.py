@@ -9,6 +9,7 @@ from dataclasses import dataclass
 class SparseSettings:
     bits: int = 8
     symmetric: bool = True
+    signed: bool = True  # symmetric scales: see slimquant.quant.math.weight_range_to_qparams
     group_size: int | None = None  # None: per output channel (or per tensor when per_tensor)
     per_tensor: bool = False
     sparsity: float = 0.5  # unstructured: the fraction of weights pruned (ignored for N:M)

@@ -71,7 +71,8 @@ def sparsegpt_quantize(weight: torch.Tensor, hessian: torch.Tensor, s: SparseSet
             if s.group_size is not None and col % size == 0:  # a group starts: its range as updated so far
                 end = min(col + size, cols)
                 ahead = wt[b2:end] - u[b1:col, b2:end].t() @ errors[:i]
-                sc, z = weight_qparams(torch.cat([block[i:i + size], ahead]).t(), s.bits, s.symmetric, None)
+                sc, z = weight_qparams(torch.cat([block[i:i + size], ahead]).t(), s.bits, s.symmetric, None,
+                                      signed=s.signed)
                 scale_t[col // size] = sc[:, 0]
                 if zero_t is not None:
                     zero_t[col // size] = z[:, 0]

@@ -16,8 +16,8 @@ def static_qparams(w: torch.Tensor, s: SparseSettings) -> tuple[torch.Tensor, to
     The range always includes 0 and an asymmetric zero point is an integer code in range
     (`slimquant.quant.math.range_to_qparams`), so a pruned weight, rounded to its zero point, dequantizes to 0."""
     if not s.per_tensor:
-        return weight_qparams(w, s.bits, s.symmetric, s.group_size)
-    scale, zero = weight_qparams(w.reshape(1, -1), s.bits, s.symmetric, None)
+        return weight_qparams(w, s.bits, s.symmetric, s.group_size, signed=s.signed)
+    scale, zero = weight_qparams(w.reshape(1, -1), s.bits, s.symmetric, None, signed=s.signed)
     return scale.expand(w.shape[0], 1).contiguous(), None if zero is None else zero.expand(w.shape[0], 1).contiguous()
 
 
