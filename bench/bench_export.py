@@ -50,6 +50,7 @@ G64 = {"bits": 4, "group_size": 64}
 G64_SYM_F16 = {**G64, "symmetric": True, "scale_dtype": "float16"}
 STATIC_GPTQ = {"name": "gptq", "static_groups": True}  # act order, contiguous groups: vLLM refuses permuted g_idx
 Q4_0_WEIGHTS = {"bits": 4, "group_size": 32, "symmetric": True, "scale_dtype": "float16"}
+Q5_0_WEIGHTS = {**Q4_0_WEIGHTS, "bits": 5}
 CASES: dict[str, tuple[dict, str]] = {  # case: (recipe, format); each format is read by the engines of READERS
     "GPTQ W4A16 g64 asym": ({"weights": {**G64, "symmetric": False}, "algorithms": ["gptq"]}, "compressed-tensors"),
     "GPTQ W4A16 g64 asym static groups": ({"weights": {**G64, "symmetric": False}, "algorithms": [STATIC_GPTQ]},
@@ -60,9 +61,14 @@ CASES: dict[str, tuple[dict, str]] = {  # case: (recipe, format); each format is
         {"weights": {**G64_SYM_F16, "symmetric": False}, "algorithms": [STATIC_GPTQ]}, "gptq-v2"),
     "GPTQ W4 sym g32 static groups -> Q4_0": ({"weights": Q4_0_WEIGHTS, "algorithms": [STATIC_GPTQ]}, "gguf"),
     "RTN W4 sym g32 -> Q4_0": ({"weights": Q4_0_WEIGHTS, "algorithms": ["minmax"]}, "gguf"),
+    "RTN W4 sym g32 absmax scales -> Q4_0": (
+        {"weights": {**Q4_0_WEIGHTS, "symmetric_scale": "absmax"}, "algorithms": ["minmax"]}, "gguf"),
+    "GPTQ W5 sym g32 static groups -> Q5_0": ({"weights": Q5_0_WEIGHTS, "algorithms": [STATIC_GPTQ]}, "gguf"),
+    "RTN W5 sym g32 -> Q5_0": ({"weights": Q5_0_WEIGHTS, "algorithms": ["minmax"]}, "gguf"),
 }
 LLAMA_CASES = {"llama.cpp F32": None, "llama.cpp Q4_0": "Q4_0", "llama.cpp Q4_K_M": "Q4_K_M",
-               "llama.cpp Q4_0, F32 embeddings": "Q4_0+f32emb"}  # slimquant leaves embeddings in float
+               "llama.cpp Q4_0, F32 embeddings": "Q4_0+f32emb",  # slimquant leaves embeddings in float
+               "llama.cpp Q5_0, F32 embeddings": "Q5_0+f32emb"}
 GPTQ_PYTHON = common.OUT / "gptq-venv" / "bin" / "python"  # transformers + optimum + gptqmodel 7.6.0
 READERS = {  # format: [(result key, python, script, *script options)]
     "compressed-tensors": [("transformers", Path(sys.executable), "transformers_perplexity.py"),

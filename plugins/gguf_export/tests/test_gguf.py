@@ -2,6 +2,7 @@
 loads it back to the same logits."""
 
 import gguf
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -20,6 +21,7 @@ from slimquant_gguf.llama import gguf_name, rope_heads
 
 IDS = token_samples(1, 16, seed=99)[0]
 CASES = {"Q4_0": dict(bits=4, symmetric=True, group_size=32), "Q4_1": dict(bits=4, symmetric=False, group_size=64),
+         "Q5_0": dict(bits=5, symmetric=True, group_size=32), "Q5_1": dict(bits=5, symmetric=False, group_size=64),
          "Q8_0": dict(bits=8, symmetric=True)}
 
 
@@ -81,8 +83,9 @@ def plan(weights, activations=None):
 
 
 @pytest.mark.parametrize(("weights", "act", "message"), [
-    ({"bits": 3, "group_size": 32}, None, "weights.bits: gguf holds 4-bit"),
-    ({"bits": 8, "symmetric": False}, None, "weights.bits: gguf holds 4-bit"),
+    ({"bits": 3, "group_size": 32}, None, "weights.bits: gguf holds 4- and 5-bit"),
+    ({"bits": 8, "symmetric": False}, None, "weights.bits: gguf holds 4- and 5-bit"),
+    ({"bits": 6, "group_size": 32}, None, "not symmetric 6-bit"),
     ({"bits": 4, "group_size": 16}, None, "weights.group_size: gguf blocks hold 32 weights"),
     ({"bits": 4, "group_size": 48}, None, "group_size 48 is not a multiple of 32"),
     ({"bits": 8}, ActArgs(), "activations: gguf stores weights only"),
@@ -161,3 +164,22 @@ def test_permuted_groups_are_refused_before_quantizing():
         plan_algorithms(Recipe.model_validate({"weights": weights, "algorithms": [gptq]}), formats=["gguf"])
     per_channel = {**weights, "group_size": None}
     plan_algorithms(Recipe.model_validate({"weights": per_channel, "algorithms": ["gptq"]}), formats=["gguf"])
+
+
+@pytest.mark.parametrize("bits", [4, 5])
+def test_round_to_nearest_at_group_32_is_llama_cpps_own_q4_0_and_q5_0(bits):
+    """Symmetric round-to-nearest with signed scales is llama.cpp's Q4_0 / Q5_0 rule (d = the block's weight of
+    largest magnitude / -2^(bits-1)): our blocks are byte for byte what gguf's reference quantizer writes."""
+    from gguf.quants import quantize as gguf_quantize
+
+    from slimquant.quant.math import round_to_nearest
+    from slimquant.quant.scale_rounding import float16_scales
+    from slimquant_gguf.blocks import encode_blocks
+
+    w = torch.randn(24, 256, generator=torch.Generator().manual_seed(0))
+    args = WeightArgs(bits=bits, symmetric=True, group_size=32, scale_dtype="float16")
+    ours, kind = encode_blocks(float16_scales(round_to_nearest(w, args)))
+    assert kind.name == f"Q{bits}_0"
+    assert np.array_equal(ours, gguf_quantize(w.numpy(), kind))
+    absmax = WeightArgs(bits=bits, symmetric=True, group_size=32, scale_dtype="float16", symmetric_scale="absmax")
+    assert not np.array_equal(encode_blocks(float16_scales(round_to_nearest(w, absmax)))[0], ours)

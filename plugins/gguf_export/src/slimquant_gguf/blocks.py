@@ -2,9 +2,11 @@
 
 Q4_0: d (float16), 16 bytes of nibbles; x = d * (nibble - 8), nibble = code + 8.
 Q4_1: d, m (float16), 16 bytes of nibbles; x = d * nibble + m, so m = -d * (zero + 8) for x = d * (code - zero).
+Q5_0 / Q5_1: as Q4_0 / Q4_1 with 5-bit unsigned codes (code + 16) and m = -d * (zero + 16); after d (and m), 4
+bytes qh (a little-endian uint32 whose bit j is the fifth bit of element j), then the low 4 bits as nibbles.
 Q8_0: d (float16), 32 int8 codes; x = d * code.
-Element j of a 4-bit block sits in the low nibble of byte j, element j + 16 in its high nibble. A group spanning
-several blocks repeats its d (and m) in each.
+Element j of a block sits in the low nibble of byte j, element j + 16 in its high nibble. A group spanning several
+blocks repeats its d (and m) in each.
 """
 
 from __future__ import annotations
@@ -16,11 +18,13 @@ from gguf import GGMLQuantizationType
 from slimquant.quant.qweight import QuantizedWeight
 
 BLOCK = 32
-Q4_0, Q4_1, Q8_0 = GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q8_0
+TYPES = {(4, True): GGMLQuantizationType.Q4_0, (4, False): GGMLQuantizationType.Q4_1,
+         (5, True): GGMLQuantizationType.Q5_0, (5, False): GGMLQuantizationType.Q5_1,
+         (8, True): GGMLQuantizationType.Q8_0}
 
 
 def quant_type(bits: int, symmetric: bool) -> GGMLQuantizationType | None:
-    return {(4, True): Q4_0, (4, False): Q4_1, (8, True): Q8_0}.get((bits, symmetric))
+    return TYPES.get((bits, symmetric))
 
 
 def block_params(qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -46,10 +50,13 @@ def encode_blocks(qw: QuantizedWeight) -> tuple[np.ndarray, GGMLQuantizationType
     kind = quant_type(qw.bits, qw.symmetric)
     d, m = block_params(qw)
     codes = qw.codes.detach().cpu().to(torch.int16).reshape(rows, cols // BLOCK, BLOCK)
-    if kind == Q8_0:
-        payload = codes.to(torch.int8).numpy().view(np.uint8)
+    parts = [_half_bytes(d)] + ([] if m is None else [_half_bytes(m)])
+    if qw.bits == 8:
+        parts.append(codes.to(torch.int8).numpy().view(np.uint8))
     else:
-        nibbles = (codes + 8).to(torch.uint8)
-        payload = (nibbles[..., :16] | (nibbles[..., 16:] << 4)).numpy()
-    parts = [_half_bytes(d)] + ([] if m is None else [_half_bytes(m)]) + [payload]
+        unsigned = (codes + 2 ** (qw.bits - 1)).to(torch.uint8)
+        if qw.bits == 5:
+            parts.append(np.packbits((unsigned >> 4).numpy(), axis=-1, bitorder="little"))  # qh
+        low = unsigned & 15
+        parts.append((low[..., :16] | (low[..., 16:] << 4)).numpy())
     return np.ascontiguousarray(np.concatenate(parts, axis=-1).reshape(rows, -1)), kind

@@ -1,4 +1,4 @@
-"""What a GGUF file of Q4_0 / Q4_1 / Q8_0 blocks cannot hold, from a plan (before quantizing) or from the
+"""What a GGUF file of Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 blocks cannot hold, from a plan (before quantizing) or from the
 quantized model (at export, also for `slimquant export` of an earlier output)."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ def weight_problems(bits: int, symmetric: bool, group_size: int | None, has_act:
                     shape: tuple[int, int] | None) -> list[str]:
     problems = []
     if quant_type(bits, symmetric) is None:
-        problems.append(f"weights.bits: gguf holds 4-bit (Q4_0 symmetric, Q4_1 asymmetric) and symmetric 8-bit "
-                        f"(Q8_0) weights, not {'symmetric' if symmetric else 'asymmetric'} {bits}-bit")
+        problems.append(f"weights.bits: gguf holds 4- and 5-bit (Q4_0 / Q5_0 symmetric, Q4_1 / Q5_1 asymmetric) and "
+                        f"symmetric 8-bit (Q8_0) weights, not {'symmetric' if symmetric else 'asymmetric'} {bits}-bit")
     if group_size is not None and (group_size < BLOCK or group_size % BLOCK):
         problems.append(f"weights.group_size: gguf blocks hold {BLOCK} weights with one scale; group_size "
                         f"{group_size} is not a multiple of {BLOCK}")
@@ -59,7 +59,7 @@ def module_problems(name: str, module: FakeQuantLinear) -> list[str]:
     if qw.outliers is not None:
         problems.append(f"{name}: 16-bit outliers (sparse fraction) have no gguf block type; gguf blocks are dense")
     if qw.zero is not None and not torch.equal(qw.zero, torch.round(qw.zero)):
-        problems.append(f"{name}: fractional zero points (HQQ) cannot be stored in Q4_1 blocks exactly")
+        problems.append(f"{name}: fractional zero points (HQQ) cannot be stored in Q4_1 / Q5_1 blocks exactly")
     if qw.permuted_groups:
         problems.append(f"{name}: permuted groups (act-order g_idx) cannot be stored; gguf blocks are contiguous")
     if problems:
@@ -69,6 +69,6 @@ def module_problems(name: str, module: FakeQuantLinear) -> list[str]:
         problems.append(f"{name}: weight scales are not exactly float16 (gguf's d); quantize with weights."
                         "scale_dtype: float16")
     if m is not None and not _exact_half(m):
-        problems.append(f"{name}: -scale * (zero + 8) is not exactly float16 (Q4_1's m); quantize with weights."
-                        "scale_dtype: float16")
+        problems.append(f"{name}: -scale * (zero + 2^(bits-1)) is not exactly float16 (Q4_1 / Q5_1's m); quantize "
+                        "with weights.scale_dtype: float16")
     return problems
