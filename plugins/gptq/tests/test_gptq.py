@@ -183,4 +183,3 @@ def test_q_k_v_share_one_hessian():
     expected.add(x)
     expected.add(y)
     assert torch.allclose(state["k"].hessian, expected.hessian)
-
