@@ -15,15 +15,13 @@ from slimquant.hookspecs import hookimpl
 from slimquant.quant.fake_linear import FakeQuantLinear
 from slimquant.quant.qweight import QuantizedWeight
 from slimquant.runtime import kv_attention
-from slimquant_gguf.blocks import encode_blocks
+from slimquant_gguf.blocks import TYPES, encode_blocks
 from slimquant_gguf.checks import module_problems, plan_problems
 from slimquant_gguf.llama import ARCH, gguf_name, permute_rows, rope_heads, write_hyperparameters
 from slimquant_gguf.tokenizer import copy_tokenizer
 
 FILE_NAME = "model.gguf"
-FILE_TYPES = {kind: gguf.LlamaFileType[f"MOSTLY_{kind.name}"] for kind in (
-    gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1, gguf.GGMLQuantizationType.Q5_0,
-    gguf.GGMLQuantizationType.Q5_1, gguf.GGMLQuantizationType.Q8_0)}
+FILE_TYPES = {kind: gguf.LlamaFileType[f"MOSTLY_{kind.name}"] for kind in TYPES.values()}
 
 
 def _model_problems(model) -> list[str]:
