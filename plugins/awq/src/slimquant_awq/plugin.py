@@ -41,7 +41,7 @@ class AWQConfig(BaseModel):
     clip: bool = Field(True, description="search a per-group clipping range after scaling")
     max_shrink: float = Field(0.5, gt=0, lt=1, description="the clipping search shrinks ranges by at most this")
     search_samples: int = Field(1, ge=1, description="calibration samples the scale search runs sub-blocks on")
-    search_tokens: int = Field(256, ge=16, description="tokens, evenly spaced over those samples, that the search "
+    search_tokens: int = Field(128, ge=16, description="tokens, evenly spaced over those samples, that the search "
                                "runs a token-wise sub-block (the MLP, a Linear) on; attention gets whole samples")
     clip_tokens: int = Field(512, ge=16, description="input tokens the clipping search uses per Linear")
     clip_skip: list[str] = Field(default_factory=lambda: ["*q_proj", "*k_proj", "*.query", "*.key"],
@@ -118,8 +118,8 @@ class AWQPlugin:
         block = _block_of(ctx, list(unit.targets))
         inputs = self._search_inputs(ctx, block)
         reference = ctx.run_block(block, inputs)
-        originals = {n: t.weight.detach().clone() for n, t in unit.targets.items()}
-        try:  # each candidate overwrites the targets' weights; the originals come back once, at the end
+        originals = {n: t.weight.data for n, t in unit.targets.items()}
+        try:  # each candidate puts new tensors in the targets' weights; the originals, never written, come back
             best, best_loss = None, self._loss(ctx, unit, block, inputs, reference, originals, None)
             for step in range(self.config.n_grid):
                 ratio = step / self.config.n_grid
@@ -133,7 +133,7 @@ class AWQPlugin:
                     best, best_loss = s, loss
         finally:
             for name, target in unit.targets.items():
-                target.weight.data.copy_(originals[name])
+                target.weight.data = originals[name]
         log.debug("%s: %s -> %s best loss %.3e (%s)", self.name, unit.source, block, best_loss,
                   "scaled" if best is not None else "no scaling")
         return best
@@ -160,10 +160,12 @@ class AWQPlugin:
             if args is None:
                 continue
             w = originals[name].float()
-            cols = None if s is None else unit.expand(s).to(w.device)
-            scaled = w if cols is None else w * cols
-            fake = fake_quantize_weight(scaled, args)
-            target.weight.data.copy_((fake if cols is None else fake / cols).to(target.weight.dtype))
+            if s is None:
+                fake = fake_quantize_weight(w, args)
+            else:
+                cols = unit.expand(s).to(w.device)
+                fake = fake_quantize_weight(w * cols, args).div_(cols)  # a new tensor: divided in place
+            target.weight.data = fake.to(originals[name].dtype)
         outs = ctx.run_block(block, inputs)
         num = sum(float((o - r).float().pow(2).sum()) for o, r in zip(outs, reference, strict=True))
         return num / max(sum(r.numel() for r in reference), 1)
@@ -189,10 +191,12 @@ class AWQPlugin:
         org_max = wg.abs().amax(-1, keepdim=True)
         best_err = torch.full((w.shape[0], groups), float("inf"), device=w.device)
         best_max = org_max.clone()
+        clipped = torch.empty_like(wg)
         for step in range(int(self.config.max_shrink * self.config.n_grid)):
             max_val = org_max * (1 - step / self.config.n_grid)
-            clipped = torch.clamp(wg, -max_val, max_val).reshape(w.shape[0], -1)[:, :cols]
-            err = output_error(grouped(fake_quantize_weight(clipped, args)) - wg)
+            torch.clamp(wg, -max_val, max_val, out=clipped)
+            fake = fake_quantize_weight(clipped.view(w.shape[0], -1)[:, :cols], args)
+            err = output_error((grouped(fake) if pad else fake.view_as(wg)).sub_(wg))
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best_max = torch.where(better.unsqueeze(-1), max_val, best_max)
@@ -211,7 +215,7 @@ def _group_output_error(xg: torch.Tensor):
 
         def error(d: torch.Tensor) -> torch.Tensor:
             dg = d.transpose(0, 1)  # [groups, rows, k]
-            return (torch.bmm(dg, gram) * dg).sum(-1).t()
+            return torch.bmm(dg, gram).mul_(dg).sum(-1).t()
     else:
         xt = xg.transpose(0, 1)  # [groups, tokens, k]
 
