@@ -207,6 +207,14 @@ def run_quantize_job(job: QuantizeJob, console: Console) -> dict:
     data_free = is_data_free(recipe, algorithms)
     device = resolve_device(recipe.model.device)
     ranks = distributed.join(device)
+    try:
+        return _run_joined_job(job, console, algorithms, data_free, device, ranks)
+    finally:
+        distributed.leave(ranks)
+
+
+def _run_joined_job(job: QuantizeJob, console: Console, algorithms, data_free: bool, device, ranks) -> dict:
+    recipe = job.recipe
     if ranks.rank:  # only the first process reports, evaluates and saves; the others calibrate their share
         console = Console(quiet=True)
     _print_plan(console, job, algorithms, data_free)

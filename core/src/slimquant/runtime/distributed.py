@@ -76,6 +76,13 @@ def join(device: torch.device) -> Ranks:
     return ranks
 
 
+def leave(ranks: Ranks) -> None:
+    """Leave the process group `join` made: a process that exits with it still up may abort in the backend's
+    teardown ("terminate called without an active exception") after its work is done."""
+    if ranks.several and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def reduce_statistic(stat: Statistic, device: torch.device, owner: str) -> None:
     """Combine this process's copy of `stat` with every other process's, in place."""
     for attr, op in stat.reductions.items():
