@@ -41,6 +41,11 @@ A plugin is a class with:
       the input channels (``QuantizedWeight.g_idx``: GPTQ's act order with groups formed during the sweep). The
       runtime records it in ``LinearPlan.permuted_groups`` (for group strategies), so that an exporter's ``check``
       can refuse, before any model is loaded, a format that holds contiguous groups only (gguf).
+  ``groups_from_sweep: bool`` (default False)
+      True when the plugin's ``quantize_weight`` asks the grid for each group's scale from that group's columns
+      alone, part way through a sweep (GPTQ's groups without static_groups), instead of from the whole weight.
+      The runtime records it in ``LinearPlan.groups_from_sweep`` (a grid may group a per-channel scheme), so that a
+      grid whose groups share numbers across a row (llama.cpp's K-quant super-blocks) can refuse it in ``check``.
   ``distributed: bool`` (default False)
       True when a run on several processes (torch.distributed, ``slimquant.runtime.distributed``) gives what one
       process would: every statistic the plugin keeps in ``ctx.state`` is a ``slimquant.stats.Statistic`` (the
@@ -73,7 +78,9 @@ choosing each group's scale) through ``weight_grid``. When a recipe names two we
 them provides ``weight_grid``, that one is the plan's grid provider (``LinearPlan.grid_algorithm``) and the other
 chooses the codes on its grid (``[nf4, gptq]``: GPTQ's error feedback, NF4's format); the one that chooses must
 declare ``accepts_weight_grid``. A grid provider named alone both provides the grid and quantizes. Without a grid
-provider a plan has ``grid_algorithm`` None and every algorithm rounds onto the uniform integer grid.
+provider a plan has ``grid_algorithm`` None and every algorithm rounds onto the uniform integer grid. An override
+(``LayerOverride.grid``) gives its Linears another grid provider, or the uniform grid ("uniform"), so that one
+recipe mixes grids (llama.cpp's Q4_K_M: Q5_0 blocks and K-quant super-blocks, GPTQ choosing every code).
 
 Attention cache: a recipe's ``kv_cache`` section (``slimquant.config.kv_cache.KVCacheArgs``: ``bits``, ``strategy``
 head | tensor | channel | token, ``symmetric``, ``dynamic``, ``algorithm``) plans the plugin named by its

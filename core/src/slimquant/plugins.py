@@ -27,6 +27,7 @@ HOOK_NAMES = ("check", "observe", "smooth", "quantize_weight", "quantize_act", "
 ALGORITHM_HOOKS = ("observe", "smooth", "quantize_weight", "quantize_act", "weight_grid", "observe_cache",
                    "quantize_cache")
 DEFAULT_ALGORITHM = "minmax"
+UNIFORM_GRID = "uniform"  # an override's grid: the integer grid, whatever grid the recipe's algorithms name
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,10 @@ def permutes_groups(plugin) -> bool:
     return bool(getattr(plugin, "permutes_groups", False))
 
 
+def groups_from_sweep(plugin) -> bool:
+    return bool(getattr(plugin, "groups_from_sweep", False))
+
+
 def accepts_weight_grid(plugin_or_class) -> bool:
     return bool(getattr(plugin_or_class, "accepts_weight_grid", False))
 
@@ -227,9 +232,11 @@ class AlgorithmPlan:
                          if not getattr(exporter, "holds_kv_cache", False)]
         return problems
 
-    def grid_for(self, weight_algorithm: str) -> str | None:
-        """The grid provider of a Linear quantized by `weight_algorithm`: the recipe's, or the algorithm's own when
-        it provides a grid itself (an override naming nf4)."""
+    def grid_for(self, weight_algorithm: str, grid: str | None = None) -> str | None:
+        """The grid provider of a Linear quantized by `weight_algorithm`: an override's `grid` ("uniform": none),
+        else the algorithm's own when it provides a grid itself (an override naming nf4), else the recipe's."""
+        if grid is not None:
+            return None if grid == UNIFORM_GRID else grid
         if "weight_grid" in hooks_of(type(self.plugins.get(weight_algorithm))):
             return weight_algorithm
         return self.grid_algorithm
@@ -247,11 +254,12 @@ class AlgorithmPlan:
                 return True
         return False
 
-    def linear_plan(self, scheme, weight_algorithm: str):
+    def linear_plan(self, scheme, weight_algorithm: str, grid: str | None = None):
         from slimquant.runtime.plan import LinearPlan
 
-        permuted = scheme.weights.strategy == Strategy.GROUP and permutes_groups(self.plugins.get(weight_algorithm))
-        return LinearPlan(scheme, weight_algorithm, self.act_algorithm, self.grid_for(weight_algorithm), permuted)
+        grouped, plugin = scheme.weights.strategy == Strategy.GROUP, self.plugins.get(weight_algorithm)
+        return LinearPlan(scheme, weight_algorithm, self.act_algorithm, self.grid_for(weight_algorithm, grid),
+                          grouped and permutes_groups(plugin), groups_from_sweep(plugin))
 
     def scheme_plans(self, recipe: Recipe) -> list:
         """One LinearPlan per scheme of the recipe (the base and each override), before any model is known."""
@@ -260,7 +268,8 @@ class AlgorithmPlan:
         base = recipe.base_scheme()
         plans = [self.linear_plan(base, self.weight_algorithm)]
         for override in recipe.overrides:
-            plans.append(self.linear_plan(override_scheme(base, override), override.algorithm or self.weight_algorithm))
+            plans.append(self.linear_plan(override_scheme(base, override), override.algorithm or self.weight_algorithm,
+                                          override.grid))
         return plans
 
     def sequential(self, plans) -> bool:
@@ -336,18 +345,24 @@ def plan_algorithms(recipe: Recipe, formats: list[str] | None = None) -> Algorit
     each plugin's plan-time `check` on every scheme of the recipe, before any model is loaded."""
     specs = {a["name"]: a for a in recipe.algorithms}
     override_algos = [o.algorithm for o in recipe.overrides if o.algorithm]
-    names = list(specs) + [n for n in override_algos if n not in specs]
+    override_grids = [o.grid for o in recipe.overrides if o.grid and o.grid != UNIFORM_GRID]
+    names = list(dict.fromkeys(list(specs) + override_algos + override_grids))
     classes: dict[str, type] = {}
     for i, name in enumerate(names):
         try:
             classes[name] = load_plugin_class(name)
         except PluginError as exc:
-            where = f"algorithms[{i}]" if name in specs else "overrides.algorithm"
+            where = f"algorithms[{i}]" if name in specs else "overrides.algorithm" if name in override_algos else \
+                "overrides.grid"
             raise RecipeError(f"{where}: {exc}") from None
     cache = _plan_cache(recipe, classes, list(specs))
     for name in override_algos:
         if "quantize_weight" not in hooks_of(classes[name]):
             raise RecipeError(f"overrides.algorithm: {name!r} does not quantize weights")
+    for name in override_grids:
+        if "weight_grid" not in hooks_of(classes[name]):
+            raise RecipeError(f"overrides.grid: {name!r} provides no weight grid (name a plugin with weight_grid, such "
+                              f"as nf4 or kquant, or {UNIFORM_GRID!r})")
 
     weight_algos = [n for n in specs if "quantize_weight" in hooks_of(classes[n]) and n not in override_algos]
     grid_algorithm, weight_algos = _grid_provider(weight_algos, classes)

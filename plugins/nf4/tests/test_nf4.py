@@ -134,6 +134,23 @@ def test_roles_the_grid_provider_and_the_quantizer():
     assert plain.grid_algorithm is None
 
 
+def test_an_override_picks_its_own_grid_or_the_uniform_one():
+    model = tiny_model("llama")
+    calib = token_samples(4, 32, seed=0)
+    grids = recipe("nf4", "gptq")
+    grids["overrides"] = [{"targets": ["*down_proj"], "grid": "uniform"}]
+    slimquant.quantize(model, grids, samples=calib)
+    fakes = {n: m for n, m in model.named_modules() if isinstance(m, FakeQuantLinear)}
+    assert all((m.codebook is None) == n.endswith("down_proj") for n, m in fakes.items())
+
+    model = tiny_model("llama")
+    one = recipe("gptq")
+    one["overrides"] = [{"targets": ["*down_proj"], "grid": "nf4"}]
+    slimquant.quantize(model, one, samples=calib)
+    fakes = {n: m for n, m in model.named_modules() if isinstance(m, FakeQuantLinear)}
+    assert all((m.codebook is not None) == n.endswith("down_proj") for n, m in fakes.items())
+
+
 def test_gptq_on_the_nf4_grid_beats_nf4_alone():
     model = tiny_model("llama")
     calib, held_out = token_samples(8, 64, seed=0), token_samples(2, 64, seed=5)

@@ -18,6 +18,7 @@ class LinearPlan:
     act_algorithm: str
     grid_algorithm: str | None = None  # the plugin whose weight_grid the codes are rounded onto (None: uniform)
     permuted_groups: bool = False  # the weight algorithm may permute the groups (g_idx): see hookspecs' permutes_groups
+    groups_from_sweep: bool = False  # group scales chosen from part of the weight: see hookspecs' groups_from_sweep
 
 
 def name_matches(pattern: str, name: str) -> bool:
@@ -63,12 +64,13 @@ def plan_linears(recipe: Recipe, algorithms, linear_names: list[str],
         if any(name_matches(p, name) for p in recipe.ignore):
             plans[name] = None
             continue
-        scheme, algorithm = base, algorithms.weight_algorithm
+        scheme, algorithm, grid = base, algorithms.weight_algorithm, None
         for override in recipe.overrides:
             if any(name_matches(p, name) for p in override.targets):
                 scheme = override_scheme(scheme, override)
                 algorithm = override.algorithm or algorithm
-        plans[name] = algorithms.linear_plan(scheme, algorithm)
+                grid = override.grid or grid
+        plans[name] = algorithms.linear_plan(scheme, algorithm, grid)
     return plans
 
 

@@ -45,6 +45,7 @@ class GPTQPlugin:
         self.config = config
         self.sequential = config.true_sequential
         self.permutes_groups = config.act_order and not config.static_groups  # g_idx: groups formed in sweep order
+        self.groups_from_sweep = not config.static_groups
 
     @hookimpl
     def check(self, plan, name, shape):
