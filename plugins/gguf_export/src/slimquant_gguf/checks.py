@@ -1,5 +1,5 @@
-"""What a GGUF file of Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 blocks cannot hold, from a plan (before quantizing) or from the
-quantized model (at export, also for `slimquant export` of an earlier output)."""
+"""What a GGUF file of Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q4_K / Q6_K blocks cannot hold, from a plan (before
+quantizing) or from the quantized model (at export, also for `slimquant export` of an earlier output)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,11 @@ import torch
 
 from slimquant.quant.fake_linear import FakeQuantLinear
 from slimquant_gguf.blocks import BLOCK, block_params, quant_type
+from slimquant_gguf.kblocks import k_problem, written_as_k
+
+K_GRID = "kquant"  # the plugin (slimquant_gguf.kquant_plugin) whose grid gives Q4_K / Q6_K weights
+ACTIVATIONS = ("activations: gguf stores weights only (llama.cpp quantizes activations itself); use a weight-only "
+               "scheme")
 
 
 def weight_problems(bits: int, symmetric: bool, group_size: int | None, has_act: bool, name: str | None,
@@ -14,7 +19,8 @@ def weight_problems(bits: int, symmetric: bool, group_size: int | None, has_act:
     problems = []
     if quant_type(bits, symmetric) is None:
         problems.append(f"weights.bits: gguf holds 4- and 5-bit (Q4_0 / Q5_0 symmetric, Q4_1 / Q5_1 asymmetric) and "
-                        f"symmetric 8-bit (Q8_0) weights, not {'symmetric' if symmetric else 'asymmetric'} {bits}-bit")
+                        f"symmetric 8-bit (Q8_0) weights, not {'symmetric' if symmetric else 'asymmetric'} {bits}-bit "
+                        f"(Q4_K and Q6_K come from the {K_GRID} grid: algorithms: [{K_GRID}, ...])")
     if group_size is not None and (group_size < BLOCK or group_size % BLOCK):
         problems.append(f"weights.group_size: gguf blocks hold {BLOCK} weights with one scale; group_size "
                         f"{group_size} is not a multiple of {BLOCK}")
@@ -22,12 +28,13 @@ def weight_problems(bits: int, symmetric: bool, group_size: int | None, has_act:
         problems.append(f"weights: {name} has {shape[1]} input channels, not a multiple of the {BLOCK}-weight "
                         "gguf block")
     if has_act:
-        problems.append("activations: gguf stores weights only (llama.cpp quantizes activations itself); use a "
-                        "weight-only scheme")
+        problems.append(ACTIVATIONS)
     return problems
 
 
 def plan_problems(plan, name: str | None, shape: tuple[int, int] | None) -> list[str]:
+    if plan.grid_algorithm == K_GRID:  # the grid's own check covers its blocks
+        return [ACTIVATIONS] if plan.scheme.activations is not None else []
     w = plan.scheme.weights
     group = w.group_size if w.strategy == "group" else None
     problems = weight_problems(w.bits, w.symmetric, group, plan.scheme.activations is not None, name, shape)
@@ -49,6 +56,9 @@ def _exact_half(t: torch.Tensor) -> bool:
 
 def module_problems(name: str, module: FakeQuantLinear) -> list[str]:
     qw = module.qweight
+    if written_as_k(qw):
+        why = k_problem(qw)
+        return ([ACTIVATIONS] if module.act is not None else []) + ([f"{name}: {why}"] if why else [])
     problems = weight_problems(qw.bits, qw.symmetric, qw.group_size, module.act is not None, name, tuple(qw.shape))
     if problems:
         return problems

@@ -1,5 +1,6 @@
 """`gguf`: one .gguf file that llama.cpp loads, for Llama-architecture models: quantized Linears as Q4_0 / Q4_1 /
-Q5_0 / Q5_1 / Q8_0 blocks built from their codes and scales (no re-quantization), every other tensor in float32."""
+Q5_0 / Q5_1 / Q8_0 blocks, or Q4_K / Q6_K from the kquant grid, built from their codes and scales (no
+re-quantization), every other tensor in float32."""
 
 from __future__ import annotations
 
@@ -17,11 +18,14 @@ from slimquant.quant.qweight import QuantizedWeight
 from slimquant.runtime import kv_attention
 from slimquant_gguf.blocks import TYPES, encode_blocks
 from slimquant_gguf.checks import module_problems, plan_problems
+from slimquant_gguf.kblocks import encode_k_blocks, written_as_k
 from slimquant_gguf.llama import ARCH, gguf_name, permute_rows, rope_heads, write_hyperparameters
 from slimquant_gguf.tokenizer import copy_tokenizer
 
 FILE_NAME = "model.gguf"
 FILE_TYPES = {kind: gguf.LlamaFileType[f"MOSTLY_{kind.name}"] for kind in TYPES.values()}
+FILE_TYPES[gguf.GGMLQuantizationType.Q4_K] = gguf.LlamaFileType.MOSTLY_Q4_K_S
+FILE_TYPES[gguf.GGMLQuantizationType.Q6_K] = gguf.LlamaFileType.MOSTLY_Q6_K
 
 
 def _model_problems(model) -> list[str]:
@@ -75,7 +79,8 @@ class GGUFExporter:
         for gname, hf_name, value in tensors:
             heads = rope_heads(hf_name, config)
             if isinstance(value, FakeQuantLinear):
-                data, kind = encode_blocks(_permuted(value.qweight, heads))
+                qw = _permuted(value.qweight, heads)
+                data, kind = encode_k_blocks(qw) if written_as_k(qw) else encode_blocks(qw)
                 writer.add_tensor(gname, data, raw_dtype=kind)
                 kinds[kind] += 1
             else:
