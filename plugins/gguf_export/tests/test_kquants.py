@@ -93,7 +93,7 @@ def test_super_block_integers_follow_llama_cpps_rule():
         assert float((qw.dequantize() - w).pow(2).mean()) < float(w.pow(2).mean()) * (0.01 if bits == 4 else 0.001)
 
 
-def test_gptq_on_the_k_grid_beats_rounding_and_exports(tmp_path):
+def test_gptq_and_awq_on_the_k_grid_export_q4_k(tmp_path, monkeypatch):
     def error(algorithms):
         model = wide_llama().requires_grad_(False)
         reference = [model(s).logits for s in SAMPLES]
@@ -101,12 +101,22 @@ def test_gptq_on_the_k_grid_beats_rounding_and_exports(tmp_path):
                  samples=SAMPLES)
         return model, sum(float((model(s).logits - r).pow(2).mean()) for s, r in zip(SAMPLES, reference, strict=True))
 
+    awq_plugin = pytest.importorskip("slimquant_awq.plugin")
+    grids = []
+    original = awq_plugin.fake_quantize_weight
+    monkeypatch.setattr(awq_plugin, "fake_quantize_weight",
+                        lambda w, args, grid=None: grids.append(grid) or original(w, args, grid=grid))
     _, rounded = error(["kquant"])
-    model, gptq = error(["kquant", {"name": "gptq", "static_groups": True}])
-    assert gptq < rounded
-    assert all(k_problem(m.qweight) is None for m in model.modules() if isinstance(m, FakeQuantLinear))
-    save_quantized(model, tmp_path / "out", save_type=["gguf"])
-    assert {kind for kind, _ in file_weights(tmp_path / "out" / "model.gguf", model).values()} == {"Q4_K"}
+    for algorithms in (["kquant", {"name": "gptq", "static_groups": True}], ["awq", "kquant"]):
+        model, found = error(algorithms)
+        if "awq" in algorithms:  # its candidates and clipping are judged on the grid the weights end on
+            assert grids and all(isinstance(g, Q4KGrid) for g in grids)
+        else:
+            assert found < rounded
+        assert all(k_problem(m.qweight) is None for m in model.modules() if isinstance(m, FakeQuantLinear))
+        save_quantized(model, tmp_path / algorithms[0], save_type=["gguf"])
+        kinds = {kind for kind, _ in file_weights(tmp_path / algorithms[0] / "model.gguf", model).values()}
+        assert kinds == {"Q4_K"}, algorithms
 
 
 def test_an_override_mixes_k_types_with_uniform_blocks(tmp_path):

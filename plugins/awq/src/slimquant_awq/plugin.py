@@ -144,7 +144,7 @@ class AWQPlugin:
         for name, target in unit.targets.items():
             w = target.weight.detach().float().abs()
             args = ctx.plan(name).scheme.weights if ctx.plan(name) else None
-            group = args.group_size if args is not None and args.strategy == "group" else w.shape[1]
+            group = (_group_size(args, ctx.grid(name)) if args is not None else None) or w.shape[1]
             groups = -(-w.shape[1] // group)
             pad = groups * group - w.shape[1]
             padded = torch.nn.functional.pad(w, (0, pad)).view(w.shape[0], groups, group)
@@ -161,10 +161,10 @@ class AWQPlugin:
                 continue
             w = originals[name].float()
             if s is None:
-                fake = fake_quantize_weight(w, args)
+                fake = fake_quantize_weight(w, args, grid=ctx.grid(name))
             else:
                 cols = unit.expand(s).to(w.device)
-                fake = fake_quantize_weight(w * cols, args).div_(cols)  # a new tensor: divided in place
+                fake = fake_quantize_weight(w * cols, args, grid=ctx.grid(name)).div_(cols)  # new: divided in place
             target.weight.data = fake.to(originals[name].dtype)
         outs = ctx.run_block(block, inputs)
         num = sum(float((o - r).float().pow(2).sum()) for o, r in zip(outs, reference, strict=True))
@@ -174,12 +174,12 @@ class AWQPlugin:
 
     @torch.no_grad()
     def _clip(self, ctx, name: str, x: torch.Tensor) -> None:
-        args = ctx.plan(name).scheme.weights
+        args, grid = ctx.plan(name).scheme.weights, ctx.grid(name)
         linear = ctx.module(name)
         x = x.float()
         w = linear.weight.detach().float()
         cols = w.shape[1]
-        group = args.group_size if args.strategy == "group" else cols
+        group = _group_size(args, grid) or cols
         groups = -(-cols // group)
         pad = groups * group - cols  # a shorter last group: zero columns, which add nothing to any output
 
@@ -195,13 +195,20 @@ class AWQPlugin:
         for step in range(int(self.config.max_shrink * self.config.n_grid)):
             max_val = org_max * (1 - step / self.config.n_grid)
             torch.clamp(wg, -max_val, max_val, out=clipped)
-            fake = fake_quantize_weight(clipped.view(w.shape[0], -1)[:, :cols], args)
+            fake = fake_quantize_weight(clipped.view(w.shape[0], -1)[:, :cols], args, grid=grid)
             err = output_error((grouped(fake) if pad else fake.view_as(wg)).sub_(wg))
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best_max = torch.where(better.unsqueeze(-1), max_val, best_max)
         clipped = torch.clamp(wg, -best_max, best_max).reshape(w.shape[0], -1)[:, :cols]
         linear.weight.data.copy_(clipped.to(linear.weight.dtype))
+
+
+def _group_size(args, grid) -> int | None:
+    """Input channels per scale as the plan quantizes them: the grid's (K-quants, NF4 blocks) or the scheme's."""
+    if grid is not None:
+        return grid.group_size(args)
+    return args.group_size if args.strategy == "group" else None
 
 
 def _group_output_error(xg: torch.Tensor):
