@@ -165,3 +165,23 @@ def test_weights_off_the_k_grid_are_refused_at_export(tmp_path):
     with pytest.raises(OutputError, match="not Q4_K's"):
         save_quantized(model, tmp_path / "out", save_type=["gguf"])
     assert not (tmp_path / "out" / "model.gguf").exists()
+
+
+def test_export_command_writes_k_blocks_from_a_saved_output(tmp_path):
+    """The saved output (msModelSlim layout) keeps the scales and fractional zero points exactly, so `slimquant
+    export --to gguf` finds the same super-block integers."""
+    from typer.testing import CliRunner
+
+    from slimquant.cli import app
+
+    model = wide_llama()
+    quantize(model, {"weights": {"bits": 4}, "algorithms": ["kquant"], "runtime": {"progress": False}})
+    wide_llama().save_pretrained(tmp_path / "float")
+    save_quantized(model, tmp_path / "saved")
+    save_quantized(model, tmp_path / "direct", save_type=["gguf"])
+    result = CliRunner().invoke(app, ["export", str(tmp_path / "saved"), "--to", "gguf", "--output",
+                                      str(tmp_path / "converted"), "--model", str(tmp_path / "float")])
+    assert result.exit_code == 0, result.output
+    direct = file_weights(tmp_path / "direct" / "model.gguf", model)
+    converted = file_weights(tmp_path / "converted" / "model.gguf", model)
+    assert all(converted[n][0] == "Q4_K" and torch.equal(converted[n][1], direct[n][1]) for n in direct)
