@@ -51,6 +51,20 @@ G64_SYM_F16 = {**G64, "symmetric": True, "scale_dtype": "float16"}
 STATIC_GPTQ = {"name": "gptq", "static_groups": True}  # act order, contiguous groups: vLLM refuses permuted g_idx
 Q4_0_WEIGHTS = {"bits": 4, "group_size": 32, "symmetric": True, "scale_dtype": "float16"}
 Q5_0_WEIGHTS = {**Q4_0_WEIGHTS, "bits": 5}
+
+
+def q4_k_m_mix(*algorithms, layers: int = 30) -> dict:
+    """llama.cpp's Q4_K_M types for SmolLM2 (read from its own file): Q5_0 where K-quants do not fit (576 input
+    channels), attn_v Q8_0 and ffn_down Q6_K in its use_more_bits layers, ffn_down Q4_K in the others."""
+    more = [i for i in range(layers) if i < layers // 8 or i >= 7 * layers // 8 or (i - layers // 8) % 3 == 2]
+    rest = [i for i in range(layers) if i not in more]
+    where = lambda ids, leaf: [rf"re:model\.layers\.({'|'.join(map(str, ids))})\.{leaf}"]  # noqa: E731
+    return {"weights": Q5_0_WEIGHTS, "algorithms": list(algorithms), "overrides": [
+        {"targets": where(more, r"self_attn\.v_proj"), "weights": {**Q5_0_WEIGHTS, "bits": 8}},
+        {"targets": where(more, r"mlp\.down_proj"), "weights": {"bits": 6}, "grid": "kquant"},
+        {"targets": where(rest, r"mlp\.down_proj"), "weights": {"bits": 4}, "grid": "kquant"}]}
+
+
 CASES: dict[str, tuple[dict, str]] = {  # case: (recipe, format); each format is read by the engines of READERS
     "GPTQ W4A16 g64 asym": ({"weights": {**G64, "symmetric": False}, "algorithms": ["gptq"]}, "compressed-tensors"),
     "GPTQ W4A16 g64 asym static groups": ({"weights": {**G64, "symmetric": False}, "algorithms": [STATIC_GPTQ]},
@@ -65,10 +79,13 @@ CASES: dict[str, tuple[dict, str]] = {  # case: (recipe, format); each format is
         {"weights": {**Q4_0_WEIGHTS, "symmetric_scale": "absmax"}, "algorithms": ["minmax"]}, "gguf"),
     "GPTQ W5 sym g32 static groups -> Q5_0": ({"weights": Q5_0_WEIGHTS, "algorithms": [STATIC_GPTQ]}, "gguf"),
     "RTN W5 sym g32 -> Q5_0": ({"weights": Q5_0_WEIGHTS, "algorithms": ["minmax"]}, "gguf"),
+    "GPTQ, llama.cpp's Q4_K_M types (Q5_0 / Q8_0 / Q4_K / Q6_K)": (q4_k_m_mix(STATIC_GPTQ), "gguf"),
+    "RTN, llama.cpp's Q4_K_M types (Q5_0 / Q8_0 / Q4_K / Q6_K)": (q4_k_m_mix("minmax"), "gguf"),
+    "AWQ + GPTQ, llama.cpp's Q4_K_M types (Q5_0 / Q8_0 / Q4_K / Q6_K)": (q4_k_m_mix("awq", STATIC_GPTQ), "gguf"),
 }
 LLAMA_CASES = {"llama.cpp F32": None, "llama.cpp Q4_0": "Q4_0", "llama.cpp Q4_K_M": "Q4_K_M",
                "llama.cpp Q4_0, F32 embeddings": "Q4_0+f32emb",  # slimquant leaves embeddings in float
-               "llama.cpp Q5_0, F32 embeddings": "Q5_0+f32emb"}
+               "llama.cpp Q5_0, F32 embeddings": "Q5_0+f32emb", "llama.cpp Q4_K_M, F32 embeddings": "Q4_K_M+f32emb"}
 GPTQ_PYTHON = common.OUT / "gptq-venv" / "bin" / "python"  # transformers + optimum + gptqmodel 7.6.0
 READERS = {  # format: [(result key, python, script, *script options)]
     "compressed-tensors": [("transformers", Path(sys.executable), "transformers_perplexity.py"),
