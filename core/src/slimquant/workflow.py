@@ -208,9 +208,12 @@ def run_quantize_job(job: QuantizeJob, console: Console) -> dict:
     device = resolve_device(recipe.model.device)
     ranks = distributed.join(device)
     try:
-        return _run_joined_job(job, console, algorithms, data_free, device, ranks)
-    finally:
-        distributed.leave(ranks)
+        results = _run_joined_job(job, console, algorithms, data_free, device, ranks)
+    except BaseException:
+        distributed.leave(ranks, finished=False)
+        raise
+    distributed.leave(ranks, finished=True)
+    return results
 
 
 def _run_joined_job(job: QuantizeJob, console: Console, algorithms, data_free: bool, device, ranks) -> dict:

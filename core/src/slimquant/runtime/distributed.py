@@ -76,10 +76,13 @@ def join(device: torch.device) -> Ranks:
     return ranks
 
 
-def leave(ranks: Ranks) -> None:
+def leave(ranks: Ranks, finished: bool) -> None:
     """Leave the process group `join` made: a process that exits with it still up may abort in the backend's
-    teardown ("terminate called without an active exception") after its work is done."""
+    teardown ("terminate called without an active exception") after its work is done. When every process `finished`
+    its job, they wait for each other first, so that none tears its connections down while another still runs."""
     if ranks.several and dist.is_available() and dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 
