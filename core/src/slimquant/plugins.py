@@ -352,8 +352,8 @@ def plan_algorithms(recipe: Recipe, formats: list[str] | None = None) -> Algorit
         try:
             classes[name] = load_plugin_class(name)
         except PluginError as exc:
-            where = f"algorithms[{i}]" if name in specs else "overrides.algorithm" if name in override_algos else \
-                "overrides.grid"
+            where = (f"algorithms[{i}]" if name in specs else
+                     "overrides.algorithm" if name in override_algos else "overrides.grid")
             raise RecipeError(f"{where}: {exc}") from None
     cache = _plan_cache(recipe, classes, list(specs))
     for name in override_algos:

@@ -40,7 +40,7 @@ def block_params(qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor | None
     return d, -d * (zero + 2 ** (qw.bits - 1))
 
 
-def _half_bytes(t: torch.Tensor) -> np.ndarray:
+def half_bytes(t: torch.Tensor) -> np.ndarray:
     return t.numpy().astype(np.float16).view(np.uint8).reshape(*t.shape, 2)
 
 
@@ -50,7 +50,7 @@ def encode_blocks(qw: QuantizedWeight) -> tuple[np.ndarray, GGMLQuantizationType
     kind = quant_type(qw.bits, qw.symmetric)
     d, m = block_params(qw)
     codes = qw.codes.detach().cpu().to(torch.int16).reshape(rows, cols // BLOCK, BLOCK)
-    parts = [_half_bytes(d)] + ([] if m is None else [_half_bytes(m)])
+    parts = [half_bytes(d)] + ([] if m is None else [half_bytes(m)])
     if qw.bits == 8:
         parts.append(codes.to(torch.int8).numpy().view(np.uint8))
     else:

@@ -8,8 +8,9 @@ import torch
 from slimquant.quant.fake_linear import FakeQuantLinear
 from slimquant_gguf.blocks import BLOCK, block_params, quant_type
 from slimquant_gguf.kblocks import k_problem, written_as_k
+from slimquant_gguf.kquant_plugin import KQuantPlugin
 
-K_GRID = "kquant"  # the plugin (slimquant_gguf.kquant_plugin) whose grid gives Q4_K / Q6_K weights
+K_GRID = KQuantPlugin.name  # the plugin whose grid gives Q4_K / Q6_K weights
 ACTIVATIONS = ("activations: gguf stores weights only (llama.cpp quantizes activations itself); use a weight-only "
                "scheme")
 

@@ -17,7 +17,8 @@ import torch
 from gguf import GGMLQuantizationType
 
 from slimquant.quant.qweight import QuantizedWeight
-from slimquant_gguf.kquants import SUPER_BLOCK, Q4KGrid, Q6KGrid
+from slimquant_gguf.blocks import half_bytes
+from slimquant_gguf.kquants import HALF_TINY, SUPER_BLOCK, Q4KGrid, Q6KGrid
 
 TYPES = {4: GGMLQuantizationType.Q4_K, 6: GGMLQuantizationType.Q6_K}
 GROUPS = {4: Q4KGrid.group, 6: Q6KGrid.group}
@@ -62,7 +63,7 @@ def super_block_integers(qw: QuantizedWeight) -> dict[str, torch.Tensor] | str:
         sc = scale / d
         offset = (_super(qw.zero.detach().cpu().float(), group) + 8) * scale
         dmin = (offset.amax(-1, keepdim=True) / 63).half().float()
-        m = torch.where(dmin > 0, torch.round(offset / dmin.clamp_min(2.0 ** -24)), 0.0)
+        m = torch.where(dmin > 0, torch.round(offset / dmin.clamp_min(HALF_TINY)), 0.0)
         found = {"d": d.squeeze(-1), "sc": sc, "dmin": dmin.squeeze(-1), "m": m}
         limits = (0, 63)
         if not bool(((m >= 0) & (m <= 63)).all()):
@@ -99,10 +100,6 @@ def k_problem(qw: QuantizedWeight) -> str | None:
     return None
 
 
-def _half_bytes(t: torch.Tensor) -> np.ndarray:
-    return t.numpy().astype(np.float16).view(np.uint8).reshape(*t.shape, 2)
-
-
 def encode_k_blocks(qw: QuantizedWeight) -> tuple[np.ndarray, GGMLQuantizationType]:
     """uint8 [rows, super-blocks * block bytes] and the type; the weight must pass k_problem."""
     ints = super_block_integers(qw)
@@ -115,12 +112,12 @@ def encode_k_blocks(qw: QuantizedWeight) -> tuple[np.ndarray, GGMLQuantizationTy
                             (sc[..., 4:] & 15) | ((m[..., 4:] & 15) << 4)], dim=-1)
         q = (codes + 8).to(torch.uint8).reshape(rows, blocks, 4, 2, 32)
         qs = (q[:, :, :, 0] | (q[:, :, :, 1] << 4)).reshape(rows, blocks, 128)
-        parts = [_half_bytes(ints["d"]), _half_bytes(ints["dmin"]), scales.numpy(), qs.numpy()]
+        parts = [half_bytes(ints["d"]), half_bytes(ints["dmin"]), scales.numpy(), qs.numpy()]
     else:
         q = (codes + 32).to(torch.uint8).reshape(rows, blocks, 2, 128)
         low, high = q & 15, q >> 4
         ql = (low[..., :64] | (low[..., 64:] << 4)).reshape(rows, blocks, 128)
         qh = (high[..., :32] | (high[..., 32:64] << 2) | (high[..., 64:96] << 4) | (high[..., 96:] << 6))
         parts = [ql.numpy(), qh.reshape(rows, blocks, 64).numpy(), ints["sc"].to(torch.int8).numpy().view(np.uint8),
-                 _half_bytes(ints["d"])]
+                 half_bytes(ints["d"])]
     return np.ascontiguousarray(np.concatenate(parts, axis=-1).reshape(rows, -1)), TYPES[qw.bits]
