@@ -201,7 +201,7 @@ def test_a_range_that_excludes_zero_is_widened_and_the_zero_point_is_a_code():
 
 def _count_midpoints_below(grid, w, scale):
     x = torch.nan_to_num(w / scale, nan=0.0)
-    return sum((x > m).float() for m in grid._midpoints.tolist()) - 2 ** (grid.bits - 1)
+    return sum((x > m).float() for m in grid.midpoints.tolist()) - 2 ** (grid.bits - 1)
 
 
 @pytest.mark.parametrize(("values", "table"), [
@@ -212,13 +212,13 @@ def _count_midpoints_below(grid, w, scale):
 def test_codebook_lookup_equals_counting_the_midpoints_below(values, table):
     values = torch.tensor(values)
     grid = CodebookGrid(values)
-    assert (grid._cells is not None) == table
+    assert (grid.cells is not None) == table
     torch.manual_seed(0)
     w = torch.randn(300, 128)
     w[0, :4] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0])
     scale = w.nan_to_num(0, 0, 0).abs().amax(1, keepdim=True) * 0.9  # some weights beyond the codebook's ends
     assert torch.equal(grid.quantize(w, scale, None), _count_midpoints_below(grid, w, scale))
-    m = grid._midpoints
+    m = grid.midpoints
     near = torch.cat([m, torch.nextafter(m, torch.tensor(2.0)), torch.nextafter(m, torch.tensor(-2.0)), values])
     one = torch.ones(())
     assert torch.equal(grid.quantize(near, one, None), _count_midpoints_below(grid, near, one))

@@ -85,7 +85,8 @@ class WeightGrid:
 class CodebookGrid(WeightGrid):
     """A non-uniform grid of 2^bits values in [-1, 1] (sorted, max |value| 1): code c stands for
     values[c + 2^(bits-1)] * scale, the scale of a group is its absolute maximum, and a weight rounds to the nearest
-    value (a weight exactly half-way between two rounds to the smaller one)."""
+    value (a weight exactly half-way between two rounds to the smaller one). `midpoints` and `cells` (the lookup
+    table, when the midpoints allow one) are what a compiled kernel needs to give the same codes."""
 
     def __init__(self, values: torch.Tensor, name: str = "codebook"):
         values = torch.as_tensor(values, dtype=torch.float32)
@@ -97,8 +98,8 @@ class CodebookGrid(WeightGrid):
         super().__init__(bits, symmetric=True)
         self.name = name
         self.codebook = values
-        self._midpoints = (values[1:] + values[:-1]) / 2
-        self._cells = _MidpointCells.build(self._midpoints)
+        self.midpoints = (values[1:] + values[:-1]) / 2  # a weight rounds up past each
+        self.cells = MidpointCells.build(self.midpoints)  # None: midpoints too close for a table
 
     def qparams(self, w, group_size, g_idx=None, clip_ratio=1.0):
         w = w.float()
@@ -111,16 +112,16 @@ class CodebookGrid(WeightGrid):
 
     def quantize(self, w, scale, zero):
         low = qrange(self.bits)[0]
-        if self._cells is None:
+        if self.cells is None:
             x = torch.nan_to_num(w / scale, nan=0.0)
-            return torch.bucketize(x.contiguous(), self._midpoints.to(w.device)).to(w.dtype).add_(low)
+            return torch.bucketize(x.contiguous(), self.midpoints.to(w.device)).to(w.dtype).add_(low)
         shape = torch.broadcast_shapes(w.shape, scale.shape)
         w, scale = torch.broadcast_tensors(torch.atleast_1d(w), torch.atleast_1d(scale))
         codes = torch.empty(w.shape, dtype=torch.float32, device=w.device)
         if w.numel():
             step = max(1, _CHUNK // w[0].numel())
             x = torch.empty(min(step, w.shape[0]) * w[0].numel(), device=w.device)
-            lookup = self._cells.lookup(x.numel(), w.device)
+            lookup = self.cells.lookup(x.numel(), w.device)
             for start in range(0, w.shape[0], step):
                 part = slice(start, start + step)
                 xs = x[:w[part].numel()]
@@ -135,7 +136,7 @@ class CodebookGrid(WeightGrid):
 _CHUNK = 1 << 18  # elements per step of a codebook lookup: its temporaries stay in a core's L2 cache
 
 
-class _MidpointCells:
+class MidpointCells:
     """Nearest-value lookup for x in [-1, 1]: [-1, 1] cut into equal cells, each holding at most one of the sorted
     midpoints (with a margin, so a cell index a rounding off still holds the right one); the index of x is the number
     of midpoints below its cell plus x > the midpoint in it. Two table reads and one comparison per weight, the same
@@ -143,12 +144,12 @@ class _MidpointCells:
 
     def __init__(self, cells: int, below: torch.Tensor, midpoint: torch.Tensor):
         self.cells = cells
-        self._below = below
-        self._midpoint = midpoint
+        self.below = below  # float32 [cells]: the midpoints below each cell
+        self.midpoint = midpoint  # float32 [cells]: the midpoint inside each cell, +inf where none
         self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
-    def build(cls, midpoints: torch.Tensor, max_cells: int = 1 << 14) -> _MidpointCells | None:
+    def build(cls, midpoints: torch.Tensor, max_cells: int = 1 << 14) -> MidpointCells | None:
         m = midpoints.double()
         gap = float((m[1:] - m[:-1]).min()) if len(m) > 1 else 2.0
         cells = 16
@@ -192,5 +193,5 @@ class _MidpointCells:
 
     def _tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if device not in self._on:
-            self._on[device] = (self._below.to(device), self._midpoint.to(device))
+            self._on[device] = (self.below.to(device), self.midpoint.to(device))
         return self._on[device]
