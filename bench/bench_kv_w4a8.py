@@ -5,11 +5,17 @@ with a save -> load round trip.
     python bench/bench_kv_w4a8.py --only "W4A16 g64 GPTQ" "W4A8 dynamic g64 GPTQ"
     python bench/bench_kv_w4a8.py --extra               # the main cases, then the decomposition cases (EXTRA)
     python bench/bench_kv_w4a8.py --list
+    python bench/bench_kv_w4a8.py --windows 4 --only "msModelSlim W8A8 dynamic" \
+        "msModelSlim W8A8 dynamic + kv int8 per-head" "msModelSlim W8A8 dynamic + kv int8 per-channel"
 
 Targets: KV int8 on top of W8A8 static + SmoothQuant a0.5 (bench_smooth.py's 22.95 row, recipe imported from there)
 changes perplexity by at most +1%; W4A8 dynamic g64 with gptq is at most 1.05x W4A16 g64 GPTQ (both with the gptq
 plugin's defaults; W4A16 asymmetric as in bench_gptq.py / bench_contract.py, W4A8 symmetric int4 groups on
 msModelSlim's per-channel int8 level, `channel_bits: 8`, with per-token dynamic int8 activations).
+
+The msModelSlim cases (issue 31) are `QuantConfig(w_bit=8, a_bit=8, is_dynamic=True)`'s recipe without a cache, with
+the native per-head cache, and with `use_kvcache_quant=True`'s per-channel cache: per channel should not lose to per
+head.
 
 Each case: load fp32, quantize (timed, peak RSS), perplexity on 16 x 2048 tokens (common.quantize_and_measure); then
 the round trip: `save_quantized` with its defaults (msModelSlim / Ascend safetensors layout, int4 packed) into a
@@ -29,6 +35,8 @@ from pathlib import Path
 
 import torch
 
+from slimquant.compat.msmodelslim import QuantConfig
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_smooth  # noqa: E402
 import common  # noqa: E402
@@ -41,6 +49,8 @@ KV = {  # the kv_cache section; `{"bits": 8}` alone is the kvcache plugin's defa
     "kv int8 per-tensor": {"bits": 8, "strategy": "tensor"},
     "kv int8 per-token dynamic": {"bits": 8, "strategy": "token", "dynamic": True},
 }
+MSMODELSLIM = "msModelSlim W8A8 dynamic"
+MSMODELSLIM_KV = {"kv int8 per-head": {"bits": 8}, "kv int8 per-channel": None}  # None: use_kvcache_quant's own
 W4A16_G64 = "W4A16 g64 GPTQ"
 W4A8_G64 = "W4A8 dynamic g64 GPTQ"
 G64 = {"bits": 4, "group_size": 64, "symmetric": False}
@@ -61,7 +71,22 @@ EXTRA: dict[str, dict] = {  # where W4A8's distance to W4A16 comes from: symmetr
         "scheme": "W4A8_DYNAMIC", "weights": G64_TWO_LEVEL,
         "algorithms": [{"name": "smoothquant", "alpha": a, "smooth_all_linears": True}, "gptq"]} for a in (0.3, 0.5)},
 }
-ALL = {**CASES, **EXTRA}
+
+
+def msmodelslim_recipe(kv_cache: dict | None = None, use_kvcache_quant: bool = False) -> dict:
+    """QuantConfig(w_bit=8, a_bit=8, is_dynamic=True, use_kvcache_quant=...)'s recipe; `kv_cache` replaces its
+    cache section when given."""
+    config = QuantConfig(w_bit=8, a_bit=8, is_dynamic=True, use_kvcache_quant=use_kvcache_quant)
+    recipe = config.to_recipe().model_dump(mode="json", exclude_defaults=True)
+    return recipe if kv_cache is None else {**recipe, "kv_cache": kv_cache}
+
+
+MSMODELSLIM_CASES: dict[str, dict] = {
+    MSMODELSLIM: msmodelslim_recipe(),
+    **{f"{MSMODELSLIM} + {name}": msmodelslim_recipe(kv, use_kvcache_quant=kv is None)
+       for name, kv in MSMODELSLIM_KV.items()},
+}
+ALL = {**CASES, **EXTRA, **MSMODELSLIM_CASES}
 
 
 def logits(model, ids: torch.Tensor) -> torch.Tensor:
@@ -107,6 +132,7 @@ def measure(name: str) -> dict:
     result = common.quantize_and_measure(name, copy.deepcopy(ALL[name]))
     common.perplexity = ppl
     result.update(round_trip(caught["model"], caught["tokens"][:common.EVAL_WINDOW][None]))
+    result["eval_windows"] = common.EVAL_WINDOWS
     return result
 
 
@@ -126,6 +152,12 @@ def summary(results: list[dict]) -> None:
             change = 100 * (kv["ppl"] / base["ppl"] - 1)
             print(f"{name}: {base['ppl']:.3f} -> {kv['ppl']:.3f}, {change:+.2f}% (target <= +1%: "
                   f"{'met' if change <= 1 else 'NOT met'})")
+    msmodelslim = by_case.get(MSMODELSLIM)
+    for name in MSMODELSLIM_KV:
+        kv = by_case.get(f"{MSMODELSLIM} + {name}")
+        if msmodelslim and kv:
+            print(f"msModelSlim {name}: {msmodelslim['ppl']:.3f} -> {kv['ppl']:.3f}, "
+                  f"{100 * (kv['ppl'] / msmodelslim['ppl'] - 1):+.2f}% ({kv.get('eval_windows', 16)} windows)")
     w4a16, w4a8 = by_case.get(W4A16_G64), by_case.get(W4A8_G64)
     if w4a16 and w4a8:
         ratio = w4a8["ppl"] / w4a16["ppl"]
@@ -138,10 +170,13 @@ def summary(results: list[dict]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--case", help=argparse.SUPPRESS)
-    parser.add_argument("--only", nargs="*", help="run only these cases (of CASES or EXTRA)")
+    parser.add_argument("--only", nargs="*", help="run only these cases (see --list)")
     parser.add_argument("--extra", action="store_true", help="run the decomposition cases after the main ones")
     parser.add_argument("--list", action="store_true", help="print the case names")
+    parser.add_argument("--windows", type=int, help=f"evaluation windows (default {common.EVAL_WINDOWS})")
     args = parser.parse_args()
+    if args.windows:
+        common.EVAL_WINDOWS = args.windows
     if args.list:
         print("\n".join(ALL))
         return
@@ -152,7 +187,8 @@ def main() -> None:
     unknown = [n for n in names if n not in ALL]
     if unknown:
         parser.error(f"unknown case(s) {unknown}; cases: {list(ALL)}")
-    common.run_cases(Path(__file__), names, JSON_NAME)
+    common.run_cases(Path(__file__), names, JSON_NAME,
+                     extra=["--windows", str(args.windows)] if args.windows else [])
     summary(json.loads((common.OUT / JSON_NAME).read_text()))
 
 

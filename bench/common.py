@@ -195,12 +195,14 @@ def quantize_and_measure(name: str, recipe: dict | None, samples_fn=None) -> dic
     return result
 
 
-def run_cases(script: Path, names: list[str], json_name: str, fp32_ppl: float = 20.82) -> list[dict]:
-    """Run each case in its own process, print a Markdown table, keep the results as JSON under bench/out/."""
+def run_cases(script: Path, names: list[str], json_name: str, fp32_ppl: float = 20.82,
+              extra: list[str] = ()) -> list[dict]:
+    """Run each case in its own process (`extra`: more arguments for it), print a Markdown table, keep the results
+    as JSON under bench/out/."""
     ensure_fp32_cache()
     results = []
     for name in names:
-        results.append(run_isolated(script, name))
+        results.append(run_isolated(script, name, extra))
         print(json.dumps(results[-1]), flush=True)
         _merge_results(OUT / json_name, results)  # a run cut short keeps what it measured
     fp32 = next((r["ppl"] for r in results if r["case"] == "fp32" and "ppl" in r), fp32_ppl)

@@ -39,7 +39,7 @@ def budget_recipe(**budget) -> dict:
 def test_budget_validation_names_the_field(budget, field, message):
     with pytest.raises(RecipeError) as info:
         Recipe.parse({"budget": budget})
-    assert f"  {field}: " in str(info.value) and message in str(info.value)
+    assert f"): {field}: " in str(info.value) and message in str(info.value)
 
 
 def test_budget_refuses_overrides_that_set_weights():

@@ -34,9 +34,14 @@ def test_existing_output_is_refused_then_replaced_with_overwrite(float_model, tm
     (out / "keep.txt").write_text("mine")
     with pytest.raises(OutputError, match="not empty"):
         save_quantized(model, out)
+    with pytest.raises(OutputError, match="not a slimquant output"):  # --overwrite replaces only slimquant outputs
+        save_quantized(model, out, overwrite=True)
     assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    save_quantized(model, out)
+    (out / "extra.txt").write_text("x")
     save_quantized(model, out, overwrite=True)
-    assert not (out / "keep.txt").exists() and (out / "quant_model_weight_w8a8_dynamic.safetensors").is_file()
+    assert not (out / "extra.txt").exists() and (out / "quant_model_weight_w8a8_dynamic.safetensors").is_file()
     assert _leftovers(tmp_path) == []
 
 
@@ -45,8 +50,9 @@ def test_failed_save_leaves_the_old_output_and_no_temporary_dir(float_model, tmp
 
     model, _ = quantized(float_model, "W8A8_DYNAMIC")
     out = tmp_path / "o"
-    out.mkdir()
+    save_quantized(model, out)
     (out / "keep.txt").write_text("mine")
+    before = sorted(p.name for p in out.iterdir())
 
     def broken(layout, out_dir):
         (out_dir / "quant_weight.npz").write_bytes(b"half")
@@ -55,7 +61,7 @@ def test_failed_save_leaves_the_old_output_and_no_temporary_dir(float_model, tmp
     monkeypatch.setattr(ascend, "write_numpy", broken)
     with pytest.raises(RuntimeError, match="disk full"):
         save_quantized(model, out, save_type=["safe_tensor", "numpy"], overwrite=True)
-    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    assert sorted(p.name for p in out.iterdir()) == before
     assert _leftovers(tmp_path) == []
 
 

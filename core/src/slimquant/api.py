@@ -11,9 +11,11 @@ from slimquant.budget import resolve_budget
 from slimquant.calibration import build_samples, from_user_data
 from slimquant.config.recipe import Recipe
 from slimquant.errors import CalibrationError, RecipeError
-from slimquant.model.checks import check_causal_lm
+from slimquant.model.checks import check_causal_lm, check_model_finite
 from slimquant.model.loading import resolve_device
 from slimquant.plugins import plan_algorithms
+from slimquant.runtime import distributed
+from slimquant.runtime.fingerprint import job_parts
 from slimquant.runtime.pipeline import LayerwiseQuantizer, QuantizationReport
 
 log = logging.getLogger(__name__)
@@ -54,8 +56,11 @@ def _recipe(recipe) -> Recipe:
 def _run(model, recipe, tokenizer, calib_data, samples, smooth_only: bool) -> QuantizationReport:
     recipe = _recipe(recipe)
     check_causal_lm(model)
+    if recipe.runtime.check_finite:
+        check_model_finite(model)
     algorithms = plan_algorithms(recipe)  # validates every plugin argument before any work
     device = resolve_device(recipe.model.device)
+    distributed.agree(job_parts(recipe, algorithms), "the recipe and versions", device)  # several processes
     budget = None
     if recipe.budget is not None and not smooth_only:  # the widths are chosen before the runtime plans them
         samples = _samples(model, recipe, tokenizer, calib_data, samples)

@@ -121,6 +121,9 @@ def random_windows(text: str, tokenizer, count: int, seqlen: int, seed: int, whe
     if total <= seqlen:
         log.warning("%s holds %d tokens, fewer than seqlen=%d: using one shorter sample", where, total, seqlen)
         return [ids]
+    if count > total - seqlen:
+        raise CalibrationError(f"{where}: num_samples={count} asks for more windows of seqlen={seqlen} tokens than its "
+                               f"{total} tokens hold ({total - seqlen} distinct ones); use fewer samples or more text")
     rng = random.Random(seed)
     starts = [rng.randrange(0, total - seqlen) for _ in range(count)]
     return [ids[:, s:s + seqlen] for s in starts]

@@ -29,6 +29,14 @@ def _interrupted(hint: str = "") -> None:
     raise typer.Exit(INTERRUPTED)
 
 
+def _interrupted_after_output(output: Path, checkpoint: str | None) -> None:
+    left = f"; the checkpoint {checkpoint} was not removed: delete it" if checkpoint and Path(checkpoint).exists() \
+        else ""
+    console.print(f"interrupted after the output {escape(str(output))} was written (it is complete){escape(left)}",
+                  soft_wrap=True, highlight=False)
+    raise typer.Exit(INTERRUPTED)
+
+
 def _terminate(signum, frame) -> None:
     """SIGTERM unwinds like Ctrl-C, so that temporary output is removed on the way out."""
     raise KeyboardInterrupt
@@ -109,6 +117,7 @@ def quantize_command(
     from slimquant.workflow import QuantizeJob, run_quantize_job
 
     _setup_logging(verbose)
+    job = None
     try:
         job = QuantizeJob.from_cli(
             recipe=recipe, model=model, scheme=scheme, w_bits=w_bits, group_size=group_size, w_sym=w_sym,
@@ -121,7 +130,11 @@ def quantize_command(
     except typer.Exit:
         raise
     except KeyboardInterrupt:
-        _interrupted("; run the same command with --resume to continue from the last checkpointed layer")
+        if job is not None and job.output_complete:
+            _interrupted_after_output(job.output, job.recipe.runtime.checkpoint_dir)
+        checkpointed = job is not None and job.recipe.runtime.checkpoint_dir  # none without -o, none on torchrun
+        _interrupted("; run the same command with --resume to continue from the last checkpointed layer"
+                     if checkpointed else "")
     except Exception as exc:  # noqa: BLE001 - every failure becomes a one-line message and an exit code
         _fail(exc)
 

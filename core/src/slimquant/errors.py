@@ -31,3 +31,7 @@ class OutputError(SlimquantError):
 
 class CheckpointError(SlimquantError):
     """A resume checkpoint is corrupt, of another run, or in the way of a fresh run."""
+
+
+class ProcessGroupError(SlimquantError):
+    """Another process of a torch.distributed run stopped, or gave no answer within the collective timeout."""

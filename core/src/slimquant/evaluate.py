@@ -16,6 +16,7 @@ from slimquant.errors import RecipeError
 from slimquant.eval.divergence import divergence, logits_of
 from slimquant.eval.layer_errors import errors_table, linear_errors, save_errors
 from slimquant.eval.perplexity import perplexity
+from slimquant.export.fit import check_output_fits
 from slimquant.model.checks import check_sequence_length
 from slimquant.model.loading import check_tokenizer_files, load_config, load_model, load_tokenizer
 from slimquant.plots import write_report
@@ -76,6 +77,8 @@ def run_eval_job(job: EvalJob, console: Console) -> dict:
     config = load_config(job.model)
     if job.text is not None or job.dataset is not None:
         check_sequence_length(config, job.window, "--window")
+    if job.output is not None:
+        check_output_fits(job.output, job.model, config, job.verify)
     with console.status("loading model"):
         float_model = load_model(job.model, config)
         tokenizer = load_tokenizer(job.model)

@@ -96,6 +96,9 @@ model is loaded (``name``/``shape`` None), then per attention layer with the att
 
 An exporter declares what it can hold beyond weights and activation scales, as data: ``holds_kv_cache: bool``
 (default False); a recipe with a ``kv_cache`` section saved in a format that cannot hold it is refused at plan time.
+``scale_dtype: str | None`` (default None) names the float type the format stores weight scales in (gguf and GPTQ:
+``"float16"``): the CLI gives a recipe that sets no ``weights.scale_dtype`` that type when the format's ``check``
+then accepts the plan and did not before, and prints it in the plan.
 Everything else an exporter cannot hold it refuses in ``check`` and again in ``export`` (an output converted with
 ``slimquant export`` was never planned for it).
 

@@ -37,7 +37,7 @@ def describe(output: Path, console: Console, list_layers: bool = False, verify: 
     sizes = Table("file", "MB", title="files")
     total = 0
     for path in sorted(output.iterdir()):
-        if path.is_file():
+        if path.is_file() and not path.name.startswith("."):  # .slimquant-output is a marker, not part of the model
             size = path.stat().st_size
             total += size
             sizes.add_row(path.name, f"{size / 2**20:.2f}")

@@ -21,7 +21,7 @@ from torch import nn
 
 from slimquant.config.recipe import Recipe
 from slimquant.errors import RecipeError
-from slimquant.export import atomic_output_dir, check_save_args
+from slimquant.export import OutputReservation, atomic_output_dir, check_save_args
 from slimquant.export.streaming import StreamingSave
 from slimquant.model.checks import check_finite
 from slimquant.model.lazy import LazyCheckpoint
@@ -55,7 +55,7 @@ def check_lazy_recipe(recipe: Recipe, algorithms: AlgorithmPlan, save_type=("saf
         problems.append(f"lazy loading writes {', '.join(LAZY_FORMATS)} only, not {', '.join(other)}: convert the "
                         "output afterwards with `slimquant export`")
     if problems:
-        raise RecipeError("model.lazy cannot do what this run asks:\n  " + "\n  ".join(problems))
+        raise RecipeError("model.lazy cannot do what this run asks: " + "; ".join(problems))
 
 
 class _LayerStream:
@@ -108,17 +108,23 @@ class _LayerStream:
 
 def quantize_checkpoint(recipe: Recipe | dict, output: str | os.PathLike, *, samples: list[torch.Tensor] | None = None,
                         part_file_size: float = 0, overwrite: bool = False, tokenizer=None,
-                        config=None) -> QuantizationReport:
+                        config=None, reservation: OutputReservation | None = None) -> QuantizationReport:
     """Quantize the safetensors checkpoint at `recipe.model.path` layer by layer into `output` (format
-    `safe_tensor`); `samples` are calibration token tensors (None: data-free, when no plugin needs data)."""
+    `safe_tensor`); `samples` are calibration token tensors (None: data-free, when no plugin needs data).
+    `reservation`: the output's place taken up front (`OutputReservation`), else it is taken here."""
     recipe = recipe if isinstance(recipe, Recipe) else Recipe.parse(recipe)
     algorithms = plan_algorithms(recipe)
     check_lazy_recipe(recipe, algorithms)
-    check_save_args(output, LAZY_FORMATS, part_file_size, overwrite)
-    lazy = LazyCheckpoint.open(recipe.model, config if config is not None else load_config(recipe.model))
-    device = resolve_device(recipe.model.device)
+    check_save_args(output, LAZY_FORMATS, part_file_size, overwrite, [recipe.model.path])
+    reservation = reservation or OutputReservation(output, overwrite, [recipe.model.path]).open()
+    try:
+        lazy = LazyCheckpoint.open(recipe.model, config if config is not None else load_config(recipe.model))
+        device = resolve_device(recipe.model.device)
+    except BaseException:
+        reservation.abort()
+        raise
     config = lazy.model.config
-    with atomic_output_dir(output, overwrite) as tmp:
+    with atomic_output_dir(output, overwrite, reservation) as tmp:
         out = StreamingSave(tmp, part_file_size, model_type=getattr(config, "model_type", None),
                             architectures=list(getattr(config, "architectures", None) or []) or None)
         stream = _LayerStream(lazy, out, recipe.runtime.check_finite)

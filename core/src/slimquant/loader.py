@@ -36,7 +36,7 @@ from slimquant.quant.qweight import QuantizedScale, QuantizedWeight, qrange
 from slimquant.quant.two_level import TwoLevelScale
 from slimquant.smoothing import ensure_bias
 
-__all__ = ["load_quantized", "read_linear"]
+__all__ = ["check_model_fits", "load_quantized", "read_linear"]
 
 INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -278,6 +278,15 @@ def _target_linear(model: nn.Module, name: str, meta: LinearMeta) -> nn.Module:
     return module
 
 
+def check_model_fits(model: nn.Module, meta: OutputMeta) -> dict[str, nn.Module]:
+    """The checks above on `model` (which may be a weightless skeleton); returns each quantized Linear's module."""
+    _check_architecture(model, meta)
+    normalize_linears(model)
+    targets = {name: _target_linear(model, name, linear) for name, linear in meta.linears.items()}
+    _check_tensor_names(model, meta)
+    return targets
+
+
 # -- loading ---------------------------------------------------------------------------------------------------
 
 
@@ -348,10 +357,7 @@ def load_quantized(model: nn.Module, output_dir: str | os.PathLike, verify: bool
     """
     files = QuantizedFiles(output_dir, verify=verify)
     meta = files.meta
-    _check_architecture(model, meta)
-    normalize_linears(model)
-    targets = {name: _target_linear(model, name, linear) for name, linear in meta.linears.items()}
-    _check_tensor_names(model, meta)
+    targets = check_model_fits(model, meta)
     for name, module in targets.items():
         set_submodule(model, name, _rebuild(files, name, meta.linears[name], module))
     _load_floats(model, files, set(targets), meta.tied)

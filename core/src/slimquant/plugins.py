@@ -55,6 +55,10 @@ def _entry_point(name: str, group: str) -> EntryPoint:
         if name in installed(other):
             raise PluginError(f"{name!r} is an installed {KIND[other]}, not an {KIND[group]}"
                               + ("; choose it with --save-type / save_type" if other == EXPORTERS else ""))
+        same_but_case = [n for n in installed(group) if n.lower() == name.lower()]
+        if same_but_case:
+            raise PluginError(f"unknown {KIND[group]} {name!r}: names are case-sensitive: did you mean "
+                              f"{same_but_case[0]!r}?")
         known = ", ".join(installed(group)) or "none"
         raise PluginError(f"unknown {KIND[group]} {name!r}; installed {KIND[group]}s: {known} "
                           f"(another may come from `pip install slimquant-{name.lower()}`)")
@@ -414,4 +418,4 @@ def check_schemes(recipe: Recipe, algorithms: AlgorithmPlan) -> None:
         where = "scheme" if i == 0 else f"overrides[{i - 1}]"
         problems += [f"{where}: {p}" for p in algorithms.check(plan)]
     if problems:
-        raise RecipeError("the recipe asks for what its plugins cannot do:\n  " + "\n  ".join(problems))
+        raise RecipeError("the recipe asks for what its plugins cannot do: " + "; ".join(problems))

@@ -18,14 +18,22 @@ from slimquant.errors import OutputError, RecipeError
 from slimquant.eval.divergence import divergence, logits_of
 from slimquant.eval.layer_errors import errors_table, save_errors
 from slimquant.eval.perplexity import perplexity
-from slimquant.export import check_save_args
-from slimquant.model.checks import check_sequence_length
+from slimquant.export import OutputReservation, check_save_args
+from slimquant.export.scale_dtype import fit_scale_dtype
+from slimquant.model.checks import check_calibration_memory, check_model_finite, check_sequence_length
 from slimquant.model.loading import check_tokenizer_files, load_config, load_model, load_tokenizer, resolve_device
 from slimquant.plots import write_report
 from slimquant.plugins import plan_algorithms
 from slimquant.runtime import distributed
-from slimquant.runtime.checkpoint import remove_checkpoint
+from slimquant.runtime.checkpoint import (
+    check_checkpoint_dir,
+    claim_checkpoint_dir,
+    release_unused_checkpoint_dir,
+    remove_checkpoint,
+)
+from slimquant.runtime.fingerprint import job_parts
 from slimquant.runtime.pipeline import LayerwiseQuantizer, QuantizationReport
+from slimquant.runtime.preflight import check_before_loading
 
 KL_SEED_OFFSET = 1_000_003  # evaluation text must not be the calibration text
 KL_SEQLEN = 128
@@ -45,6 +53,14 @@ class QuantizeJob:
     kl_samples: int | None = None  # None: 4, or 0 on a data-free run
     layer_report: Path | None = None
     plot_dir: Path | None = None  # PNGs and report.html: per-Linear errors, sensitivity (budget), bit map
+    plan_notes: list[str] = field(default_factory=list)  # what the CLI chose for the user, printed with the plan
+    reservation: OutputReservation | None = field(default=None, init=False, repr=False)  # taken by the run
+    claimed_checkpoint: bool = field(default=False, init=False, repr=False)  # this run wrote the marker
+
+    @property
+    def output_complete(self) -> bool:
+        """The output directory was swapped into place (an interruption after this leaves it whole)."""
+        return self.reservation is not None and self.reservation.committed
 
     @classmethod
     def from_cli(cls, *, recipe, model, scheme, w_bits, group_size, w_sym, algorithms, ignore, calib_file,
@@ -58,6 +74,8 @@ class QuantizeJob:
         if lazy:
             data.setdefault("model", {})["lazy"] = True
         automatic = None if distributed.launched_with_several() else output  # checkpoints are one process's
+        if distributed.launched_with_several():
+            refuse_checkpoints_on_several(data.get("runtime", {}), resume, checkpoint_dir, keep_checkpoint)
         checkpoint = checkpoint_settings(data.get("runtime", {}), automatic, resume, checkpoint_dir, keep_checkpoint)
         if checkpoint:
             data["runtime"] = {**data.get("runtime", {}), **checkpoint}
@@ -65,10 +83,8 @@ class QuantizeJob:
             data["scheme"] = scheme
         weights = {k: v for k, v in {"bits": w_bits, "group_size": group_size, "symmetric": w_sym}.items()
                    if v is not None}
-        if weights:
-            preset = Recipe.parse({"scheme": data.get("scheme", "W8A16")}).base_scheme().weights
-            base = data.get("weights") or preset.model_dump(exclude={"strategy"})
-            data["weights"] = {**base, **weights}
+        if weights:  # field by field over the recipe's weights and the scheme preset (Recipe.base_scheme)
+            data["weights"] = {**data.get("weights", {}), **weights}
             if group_size == 0:  # the CLI's spelling of per channel
                 data["weights"].update(group_size=None, strategy="channel")
         if algorithms:
@@ -79,15 +95,26 @@ class QuantizeJob:
         calib.update({k: v for k, v in {"num_samples": num_samples, "seqlen": seqlen}.items() if v is not None})
         if calib:
             data["calibration"] = {**data.get("calibration", {}), **calib}
-        job = cls(recipe=Recipe.parse(data, source=str(recipe or "command line")), output=output,
-                  save_type=list(save_type or ["safe_tensor"]), **rest)
+        parsed = Recipe.parse(data, source=str(recipe or "command line"))
+        formats = list(save_type or ["safe_tensor"])
+        parsed, scale_note = fit_scale_dtype(parsed, formats if output is not None else [])
+        job = cls(recipe=parsed, output=output, save_type=formats, **rest)
+        job.plan_notes += [scale_note] if scale_note else []
         job.check()
         return job
+
+    @property
+    def formats(self) -> list[str]:
+        """The output formats whose plan-time checks the run must pass (none when nothing is saved)."""
+        return list(self.save_type) if self.output is not None else []
 
     def check(self) -> None:
         """Everything about the job's own arguments that can be wrong, checked before the model is loaded."""
         if self.output is not None:
-            check_save_args(self.output, self.save_type, self.part_file_size, self.overwrite)
+            check_save_args(self.output, self.save_type, self.part_file_size, self.overwrite, self.inputs())
+        if self.recipe.runtime.checkpoint_dir is not None:
+            check_checkpoint_dir(self.recipe.runtime.checkpoint_dir, self.output, self.inputs(),
+                                 self.recipe.runtime.resume)
         if self.eval_text is not None:
             read_text(str(self.eval_text), what="evaluation text file")
         if self.eval_window < 2:
@@ -98,11 +125,39 @@ class QuantizeJob:
             raise RecipeError(f"--kl-samples must be >= 0, got {self.kl_samples}")
         if self.layer_report is not None:
             check_report_path(self.layer_report, "--layer-report")
+        if self.plot_dir is not None:
+            check_plot_dir(self.plot_dir)
         calib = self.recipe.calibration
         if calib.source in ("text_file", "jsonl"):
             read_text(calib.path)
         if self.recipe.model.lazy:
             self._check_lazy()
+
+    def inputs(self) -> list[str]:
+        """The paths the run reads: the output and checkpoint must neither be nor hold them."""
+        calib = self.recipe.calibration
+        model = self.recipe.model
+        paths = [model.path, model.gguf_file, self.eval_text,
+                 calib.path if calib.source in ("text_file", "jsonl") else None]
+        return [str(p) for p in paths if p]
+
+    def take_places(self, rank: int) -> None:
+        """Before the model is loaded: reserve the output (lock, temporary directory) and claim the checkpoint
+        directory, so that a place that cannot be written fails now. Only the first process saves."""
+        if rank:
+            return
+        if self.output is not None:
+            self.reservation = OutputReservation(self.output, self.overwrite, self.inputs()).open()
+        if self.recipe.runtime.checkpoint_dir is not None:
+            self.claimed_checkpoint = claim_checkpoint_dir(self.recipe.runtime.checkpoint_dir)
+
+    def release_places(self) -> None:
+        """Remove what take_places created and the run did not use: the unsaved output's temporary directory and
+        lock, a checkpoint directory without a finished layer."""
+        if self.claimed_checkpoint:  # first: it may lie in a parent folder the reservation created
+            release_unused_checkpoint_dir(self.recipe.runtime.checkpoint_dir)
+        if self.reservation is not None:
+            self.reservation.abort()
 
     def _check_lazy(self) -> None:
         from slimquant.lazy import check_lazy_recipe
@@ -116,6 +171,18 @@ class QuantizeJob:
             raise RecipeError("--kl-samples needs the whole float model in memory; with --lazy, measure the output "
                               "afterwards: slimquant eval OUTPUT --model MODEL")
         check_lazy_recipe(self.recipe, plan_algorithms(self.recipe), self.save_type)
+
+
+def refuse_checkpoints_on_several(runtime: dict, resume: bool, checkpoint_dir: Path | None,
+                                  keep_checkpoint: bool) -> None:
+    """Several processes (torchrun) write no resume checkpoint: refuse what asks for one, before anything is loaded."""
+    asked = [flag for flag, given in (("--resume", resume), ("--checkpoint-dir", checkpoint_dir),
+                                      ("--keep-checkpoint", keep_checkpoint),
+                                      ("runtime.checkpoint_dir", runtime.get("checkpoint_dir"))) if given]
+    if asked:
+        raise RecipeError(f"{', '.join(asked)}: resume checkpoints are written by one process, and this run has "
+                          f"{os.environ.get('WORLD_SIZE')} (torchrun): run a single process to checkpoint or resume, "
+                          "or leave it out")
 
 
 def checkpoint_settings(runtime: dict, output: Path | None, resume: bool, checkpoint_dir: Path | None,
@@ -176,6 +243,8 @@ def _print_plan(console: Console, job: QuantizeJob, algorithms, data_free: bool)
     else:
         console.print(f"[bold]calibration[/]: {c.source} {c.num_samples} x {c.seqlen} tokens, seed {c.seed}")
     console.print(f"[bold]output[/]: {job.output or 'not saved'}")
+    for note in job.plan_notes:
+        console.print(f"[bold]set for the format[/]: {note}")
     if r.runtime.checkpoint_dir:
         console.print(f"[bold]checkpoint[/]: {r.runtime.checkpoint_dir}"
                       f"{' (resuming)' if r.runtime.resume else ''}")
@@ -191,11 +260,33 @@ def check_report_path(path: Path, what: str) -> None:
         raise OutputError(f"{what} {path}: folder {parent} does not exist")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError(f"{what} {path}: folder {parent} is not writable")
+    _try_writing_in(parent, f"{what} {path}")
+
+
+def check_plot_dir(path: Path) -> None:
+    """--plot's folder must be a folder that exists or can be created, and can be written."""
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"--plot {path} is a file; give a folder")
+    ancestor = next(p for p in [path.absolute(), *path.absolute().parents] if p.exists())
+    if not ancestor.is_dir():
+        raise OutputError(f"--plot {path}: {ancestor} is a file, not a folder")
+    _try_writing_in(ancestor, f"--plot {path}")
+
+
+def _try_writing_in(folder: Path, what: str) -> None:
+    """Write (and remove) a temporary file in `folder`: permissions alone do not tell (root, read-only mounts)."""
+    import tempfile
+
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as exc:
+        raise OutputError(f"{what}: cannot write in {folder} ({exc.strerror or exc})") from None
 
 
 def _check_lengths(job: QuantizeJob, config, data_free: bool) -> None:
     if not data_free:
         check_sequence_length(config, job.recipe.calibration.seqlen, "calibration.seqlen")
+        check_calibration_memory(config, job.recipe.calibration.num_samples, job.recipe.calibration.seqlen)
     if job.eval_text is not None:
         check_sequence_length(config, job.eval_window, "--eval-window")
 
@@ -203,15 +294,19 @@ def _check_lengths(job: QuantizeJob, config, data_free: bool) -> None:
 def run_quantize_job(job: QuantizeJob, console: Console) -> dict:
     recipe = job.recipe
     job.check()
-    algorithms = plan_algorithms(recipe)
+    algorithms = plan_algorithms(recipe, job.formats)
     data_free = is_data_free(recipe, algorithms)
     device = resolve_device(recipe.model.device)
-    ranks = distributed.join(device)
+    ranks = distributed.join(device, recipe.runtime.collective_timeout)
     try:
+        distributed.agree(job_parts(recipe, algorithms, job.formats), "the recipe and versions", device)
+        job.take_places(ranks.rank)
         results = _run_joined_job(job, console, algorithms, data_free, device, ranks)
     except BaseException:
+        job.release_places()
         distributed.leave(ranks, finished=False)
         raise
+    job.release_places()
     distributed.leave(ranks, finished=True)
     return results
 
@@ -228,9 +323,12 @@ def _run_joined_job(job: QuantizeJob, console: Console, algorithms, data_free: b
     check_tokenizer_files(recipe.model)
     config = load_config(recipe.model)
     _check_lengths(job, config, data_free)
+    check_before_loading(recipe, algorithms, config)
     with console.status("loading model"):
         model = load_model(recipe.model, config)
         tokenizer = load_tokenizer(recipe.model)
+    if recipe.runtime.check_finite:
+        check_model_finite(model)
     kl_count = job.kl_samples if job.kl_samples is not None else (0 if data_free else DEFAULT_KL_SAMPLES)
     kl_count = 0 if ranks.rank else kl_count
     results: dict = {}
@@ -254,7 +352,7 @@ def _run_joined_job(job: QuantizeJob, console: Console, algorithms, data_free: b
     if recipe.budget is not None:
         with console.status(f"measuring each Linear's sensitivity ({recipe.budget.method})"):
             recipe, budget = resolve_budget(model, recipe, samples, algorithms)
-        algorithms = plan_algorithms(recipe)
+        algorithms = plan_algorithms(recipe, job.formats)
     report = LayerwiseQuantizer(model, recipe, device, algorithms).run(samples)
     report.budget = budget
     results["quantize_seconds"] = time.perf_counter() - started
@@ -264,7 +362,8 @@ def _run_joined_job(job: QuantizeJob, console: Console, algorithms, data_free: b
         from slimquant.export import save_quantized
 
         save_quantized(model, job.output, save_type=job.save_type, part_file_size=job.part_file_size,
-                       overwrite=job.overwrite, linear_types=report.linear_types(), tokenizer=tokenizer)
+                       overwrite=job.overwrite, linear_types=report.linear_types(), tokenizer=tokenizer,
+                       reservation=job.reservation)
     if report.checkpoint is not None:
         remove_checkpoint(report.checkpoint)
     if eval_ids is not None:
@@ -294,6 +393,7 @@ def _run_lazy_job(job: QuantizeJob, console: Console, data_free: bool) -> dict:
     recipe = job.recipe
     config = load_config(recipe.model)
     _check_lengths(job, config, data_free)
+    check_before_loading(recipe, plan_algorithms(recipe, job.formats), config)
     tokenizer = load_tokenizer(recipe.model)
     samples = None
     if not data_free:
@@ -301,7 +401,8 @@ def _run_lazy_job(job: QuantizeJob, console: Console, data_free: bool) -> dict:
             samples = build_samples(recipe.calibration, tokenizer)
     started = time.perf_counter()
     report = quantize_checkpoint(recipe, job.output, samples=samples, part_file_size=job.part_file_size,
-                                 overwrite=job.overwrite, tokenizer=tokenizer, config=config)
+                                 overwrite=job.overwrite, tokenizer=tokenizer, config=config,
+                                 reservation=job.reservation)
     results = {"quantize_seconds": time.perf_counter() - started}
     sizes = _output_sizes(job.output)
     results["size_mb_before"], results["size_mb_after"] = sizes

@@ -12,6 +12,7 @@ from slimquant.budget.cost import describe, storage_bits
 from slimquant.budget.knapsack import choose_options
 from slimquant.budget.sensitivity import kl_sensitivity, proxy_sensitivity
 from slimquant.config.recipe import LayerOverride, Recipe
+from slimquant.config.scheme import WeightArgs
 from slimquant.errors import CalibrationError, RecipeError
 from slimquant.model.structure import find_decoder_layers, float_module_names, layer_linears, normalize_linears
 from slimquant.plugins import plan_algorithms
@@ -73,6 +74,11 @@ def budgeted_linears(model: nn.Module, recipe: Recipe, algorithms) -> dict[str, 
     return {name: entry for name, entry in found.items() if plans[name] is not None}
 
 
+def every_field_set(args: WeightArgs) -> WeightArgs:
+    """The candidate with every field explicit, so that an override takes nothing from the scheme beneath it."""
+    return WeightArgs.model_validate(args.model_dump())
+
+
 def resolve_budget(model: nn.Module, recipe: Recipe, samples: list[torch.Tensor] | None,
                    algorithms=None) -> tuple[Recipe, BudgetReport]:
     """Measure, choose, and return the recipe without `budget` but with the choice as overrides."""
@@ -80,6 +86,8 @@ def resolve_budget(model: nn.Module, recipe: Recipe, samples: list[torch.Tensor]
     if not samples:
         raise CalibrationError("a budget needs calibration samples to measure each Linear's sensitivity on")
     linears = budgeted_linears(model, recipe, algorithms or plan_algorithms(recipe))
+    if not linears:
+        raise RecipeError("budget: every Linear is ignored, nothing to budget; leave out `budget` or `ignore`")
     modules = {name: module for name, (_, _, module) in linears.items()}
     costs = {name: [storage_bits(args, m.out_features, m.in_features) for args in spec.candidates]
              for name, m in modules.items()}
@@ -101,7 +109,7 @@ def resolve_budget(model: nn.Module, recipe: Recipe, samples: list[torch.Tensor]
         report.linears.append(LinearChoice(name, layer, kind, module.out_features * module.in_features,
                                            costs[name], sensitivity[name], pick))
     report.used_bits = sum(c.bits for c in report.linears)
-    overrides = [LayerOverride(targets=targets, weights=args) for args, targets in
+    overrides = [LayerOverride(targets=targets, weights=every_field_set(args)) for args, targets in
                  ((args, [n for n, pick in zip(names, chosen, strict=True) if pick == j])
                   for j, args in enumerate(spec.candidates)) if targets]
     resolved = recipe.model_copy(update={"budget": None, "overrides": [*recipe.overrides, *overrides]})

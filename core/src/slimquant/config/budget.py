@@ -14,7 +14,8 @@ class BudgetSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    avg_bits: float | None = Field(None, gt=0, description="average stored bits per weight, scales included")
+    avg_bits: float | None = Field(None, gt=0, le=32, allow_inf_nan=False,
+                                   description="average stored bits per weight, scales included")
     bytes: int | None = Field(None, gt=0, description="stored size of the quantized Linears' weights and scales")
     candidates: list[WeightArgs] = Field(default_factory=list, validate_default=True,
                                          description="the weight arguments a Linear may get")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -11,10 +12,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from slimquant.config.budget import BudgetSpec
 from slimquant.config.kv_cache import KVCacheArgs
-from slimquant.config.scheme import PRESETS, ActArgs, PresetName, Scheme, WeightArgs
+from slimquant.config.scheme import PRESETS, ActArgs, PresetName, Scheme, WeightArgs, merge_args
 from slimquant.errors import RecipeError
 
 DeviceName = str  # "auto", "cpu", "cuda", "cuda:1", "npu", "npu:0"
+MAX_SAMPLES = 100_000
+MAX_SEED = 2**32 - 1  # what every random generator takes (torch.manual_seed, numpy), with room for derived seeds
 
 
 class ModelSpec(BaseModel):
@@ -50,9 +53,9 @@ class CalibrationSpec(BaseModel):
     dataset_config: str | None = None
     split: str = "train"
     prompt: str = Field("", description="seed text for `generate` (empty = start from the BOS token)")
-    num_samples: int = Field(32, gt=0)
+    num_samples: int = Field(32, gt=0, le=MAX_SAMPLES)
     seqlen: int = Field(512, gt=0)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="0 to 2**32 - 1")
 
     @model_validator(mode="after")
     def _source_has_its_input(self) -> CalibrationSpec:
@@ -98,6 +101,9 @@ class RuntimeSpec(BaseModel):
                                        "(see slimquant.runtime.checkpoint)")
     resume: bool = Field(False, description="continue from the checkpoint in checkpoint_dir, if there is one")
     keep_checkpoint: bool = Field(False, description="keep checkpoint_dir after a successful save")
+    collective_timeout: float = Field(10.0, gt=0, le=7 * 24 * 60, description="several processes: minutes a process "
+                                      "waits for the others in one exchange (including process 0's float evaluation "
+                                      "before the first) before all stop")
 
     @model_validator(mode="after")
     def _resume_has_a_checkpoint(self) -> RuntimeSpec:
@@ -158,10 +164,20 @@ class Recipe(BaseModel):
                                  "algorithm")
         return self
 
+    @model_validator(mode="after")
+    def _explicit_arguments_fit_their_presets(self) -> Recipe:
+        """Each explicit weights / activations block, merged field by field with its preset, is a valid scheme."""
+        from slimquant.runtime.plan import override_scheme
+
+        base = self.base_scheme()
+        for override in self.overrides:
+            override_scheme(base, override)
+        return self
+
     def base_scheme(self) -> Scheme:
         preset = PRESETS[self.scheme] if self.scheme else None
-        weights = self.weights or preset.weights
-        activations = self.activations or (preset.activations if preset else None)
+        weights = merge_args(self.weights, preset.weights if preset else None)
+        activations = merge_args(self.activations, preset.activations if preset else None)
         if self.weight_only:
             activations = None
         return Scheme(weights=weights, activations=activations)
@@ -173,11 +189,13 @@ class Recipe(BaseModel):
             text = path.read_text(encoding="utf-8")
         except OSError as exc:
             raise RecipeError(f"cannot read recipe {path}: {exc.strerror}") from exc
+        kind = "JSON" if path.suffix == ".json" else "YAML"
         try:
-            data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-        except (json.JSONDecodeError, yaml.YAMLError) as exc:
-            kind = "JSON" if path.suffix == ".json" else "YAML"
-            raise RecipeError(f"recipe {path} is not valid {kind}: {exc}") from None
+            data = load_json(text) if path.suffix == ".json" else yaml.load(text, Loader=UniqueKeyLoader)
+        except (json.JSONDecodeError, yaml.YAMLError, DuplicateKeyError) as exc:
+            raise RecipeError(f"recipe {path} is not valid {kind}: {one_line(str(exc))}") from None
+        except RecursionError:
+            raise RecipeError(f"recipe {path}: the {kind} is nested too deeply") from None
         return cls.parse(data or {}, source=str(path))
 
     @classmethod
@@ -188,17 +206,60 @@ class Recipe(BaseModel):
             return cls.model_validate(data)
         except ValidationError as exc:
             raise RecipeError(format_validation_error(exc, source)) from None
+        except RecursionError:
+            raise RecipeError(f"{source}: the recipe is nested too deeply") from None
 
     def dump_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json", exclude_defaults=True), sort_keys=False)
 
 
 def format_validation_error(exc: ValidationError, source: str) -> str:
-    lines = [f"{source}: {exc.error_count()} problem(s)"]
+    """One line: the source, then each problem with the field it is in, separated by '; '."""
+    problems = []
     for err in exc.errors():
         where = ".".join(str(p) for p in err["loc"]) or "(top level)"
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling)"
-        lines.append(f"  {where}: {msg}")
-    return "\n".join(lines)
+        problems.append(f"{where}: {one_line(msg)}")
+    return f"{source}: {exc.error_count()} problem(s): " + "; ".join(problems)
+
+
+def one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+class DuplicateKeyError(ValueError):
+    """A recipe names the same key twice in one mapping (YAML and JSON would silently keep the last)."""
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load that refuses a key given twice in one mapping, naming it and its line."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: keys given beside it override it
+                continue
+            key, line = self.construct_object(key_node, deep=deep), key_node.start_mark.line + 1
+            if not isinstance(key, Hashable):
+                break  # the base class refuses it
+            if key in seen:
+                raise DuplicateKeyError(f"key {key!r} appears twice in one mapping (lines {seen[key]} and {line}); "
+                                        "keep one")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict:
+    data = {}
+    for key, value in pairs:
+        if key in data:
+            raise DuplicateKeyError(f"key {key!r} appears twice in one object; keep one")
+        data[key] = value
+    return data
+
+
+def load_json(text: str):
+    """json.loads that refuses a key given twice in one object."""
+    return json.loads(text, object_pairs_hook=_unique_pairs)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class Strategy(StrEnum):
@@ -113,6 +113,29 @@ class Scheme(BaseModel):
             return f"W{w}A16"
         suffix = "_DYNAMIC" if self.activations.dynamic else ""
         return f"W{w}A{self.activations.bits}{suffix}"
+
+
+
+
+GRANULARITY_FIELDS = {WeightArgs: {"strategy", "group_size"}, ActArgs: {"strategy", "dynamic"}}
+
+
+def merge_args(given: WeightArgs | ActArgs | None, base: WeightArgs | ActArgs | None):
+    """`given` with each field it leaves unset taken from `base`: explicit arguments override a preset field by
+    field (W4A16 with weights {bits: 4, group_size: 64} stays asymmetric)."""
+    if given is None or base is None:
+        return given if given is not None else base
+    inherited = set(base.model_fields_set) - set(given.model_fields_set)
+    coupled = GRANULARITY_FIELDS[type(given)]  # setting one of these sets the granularity: take none from the base
+    if coupled & given.model_fields_set:
+        inherited -= coupled
+    data = {k: getattr(base, k) for k in inherited}
+    data.update({k: getattr(given, k) for k in given.model_fields_set})
+    try:
+        return type(given).model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(e["msg"] for e in exc.errors())
+        raise ValueError(f"{problems} (after taking the fields it leaves out from {data})") from None
 
 
 PresetName = Literal["W8A16", "W4A16", "W8A8", "W8A8_DYNAMIC", "W4A8_DYNAMIC"]

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
 from rich.table import Table
 
+from slimquant.errors import OutputError
 from slimquant.quant.fake_linear import FakeQuantLinear
 from slimquant.runtime.linear_error import measure_linear_errors
 
@@ -36,5 +38,15 @@ def errors_table(errors: dict[str, float], limit: int = 20) -> Table:
 
 
 def save_errors(errors: dict[str, float], path: Path) -> None:
+    """Write the errors as JSON, whole or not at all (a full disk leaves no empty or partial file)."""
     ordered = dict(sorted(errors.items(), key=lambda kv: kv[1], reverse=True))
-    path.write_text(json.dumps({"metric": "||y_q - y||^2 / ||y||^2", "errors": ordered}, indent=1))
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps({"metric": "||y_q - y||^2 / ||y||^2", "errors": ordered}, indent=1))
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+        raise

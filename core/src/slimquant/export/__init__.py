@@ -14,10 +14,10 @@ from pathlib import Path
 from torch import nn
 
 from slimquant.errors import OutputError
-from slimquant.export.atomic import atomic_output_dir, check_output_dir, remove_stale_siblings
+from slimquant.export.atomic import OutputReservation, atomic_output_dir, check_output_dir, remove_stale_siblings
 from slimquant.plugins import EXPORTERS, PluginSet, installed, load_exporters
 
-__all__ = ["atomic_output_dir", "check_save_args", "formats_installed", "save_quantized"]
+__all__ = ["OutputReservation", "atomic_output_dir", "check_save_args", "formats_installed", "save_quantized"]
 
 
 def formats_installed() -> list[str]:
@@ -35,29 +35,31 @@ def _formats(save_type: str | Sequence[str]) -> list[str]:
     return list(dict.fromkeys(formats))
 
 
-def check_save_args(output_dir, save_type, part_file_size, overwrite: bool) -> tuple[list[str], Path]:
-    """Everything about a save that can be wrong before any work: the formats, the shard size, the directory."""
+def check_save_args(output_dir, save_type, part_file_size, overwrite: bool, inputs=()) -> tuple[list[str], Path]:
+    """Everything about a save that can be wrong before any work: the formats, the shard size, the directory
+    (`inputs`: paths the run reads, which the output must neither be nor hold)."""
     formats = _formats(save_type)
     if isinstance(part_file_size, bool) or not isinstance(part_file_size, int | float) or not part_file_size >= 0:
         raise OutputError(f"part_file_size must be a number of GiB >= 0 (0 = one file), got {part_file_size!r}")
     remove_stale_siblings(Path(output_dir))
-    return formats, check_output_dir(output_dir, overwrite)
+    return formats, check_output_dir(output_dir, overwrite, inputs)
 
 
 def save_quantized(model: nn.Module, output_dir: str | os.PathLike, save_type: str | Sequence[str] = ("safe_tensor",),
                    part_file_size: float = 0, overwrite: bool = False, linear_types: dict[str, str] | None = None,
-                   tokenizer=None, pack_int4: bool = True) -> list[Path]:
+                   tokenizer=None, pack_int4: bool = True, reservation: OutputReservation | None = None) -> list[Path]:
     """Write the fake-quantized `model` to `output_dir` in each format of `save_type`; return the files written.
 
     part_file_size: shard size in GiB for safetensors (0 = one file). The directory appears complete or not at
     all; an existing non-empty directory is refused unless overwrite=True. `tokenizer`, when given, is saved
-    alongside (MindIE and vLLM Ascend load tokenizer files from the weights directory).
+    alongside (MindIE and vLLM Ascend load tokenizer files from the weights directory). `reservation`: the
+    output's place taken before the work (`OutputReservation`), written into instead of reserving it now.
     """
     formats, final = check_save_args(output_dir, save_type, part_file_size, overwrite)
     exporters = PluginSet(load_exporters(formats))
     options = {"part_file_size": part_file_size, "linear_types": linear_types, "pack_int4": pack_int4}
     written: set[Path] = set()
-    with atomic_output_dir(final, overwrite) as tmp:
+    with atomic_output_dir(final, overwrite, reservation) as tmp:
         for fmt in formats:
             files = exporters.call(fmt, "export", model=model, output_dir=tmp, options=options)
             if files is None:

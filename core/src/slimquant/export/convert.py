@@ -14,7 +14,8 @@ from pathlib import Path
 
 from slimquant.config.recipe import ModelSpec
 from slimquant.errors import ModelStructureError
-from slimquant.export import check_save_args, save_quantized
+from slimquant.export import OutputReservation, check_save_args, save_quantized
+from slimquant.export.fit import check_output_fits
 from slimquant.model.loading import TOKENIZER_FILES, load_config, load_model, load_tokenizer
 
 
@@ -38,7 +39,14 @@ def convert_output(saved_dir: str | os.PathLike, formats: Sequence[str], output_
     if not saved.is_dir():
         raise FileNotFoundError(f"no saved output at {saved}")
     spec = model or ModelSpec()
-    check_save_args(output_dir, list(formats), part_file_size, overwrite)
-    quantized = load_quantized(load_model(spec, load_config(spec)), saved, verify=verify)
-    return save_quantized(quantized, output_dir, save_type=list(formats), part_file_size=part_file_size,
-                          overwrite=overwrite, tokenizer=_tokenizer(saved, spec))
+    inputs = [saved, spec.path, spec.gguf_file]
+    check_save_args(output_dir, list(formats), part_file_size, overwrite, inputs)
+    config = load_config(spec)
+    check_output_fits(saved, spec, config, verify)
+    reservation = OutputReservation(output_dir, overwrite, inputs).open()
+    try:
+        quantized = load_quantized(load_model(spec, config), saved, verify=verify)
+        return save_quantized(quantized, output_dir, save_type=list(formats), part_file_size=part_file_size,
+                              overwrite=overwrite, tokenizer=_tokenizer(saved, spec), reservation=reservation)
+    finally:
+        reservation.abort()

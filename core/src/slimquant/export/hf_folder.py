@@ -9,11 +9,10 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from slimquant.errors import OutputError
-from slimquant.export.writers import plan_shards
+from slimquant.export.writers import plan_shards, save_safetensors
 from slimquant.quant.fake_linear import FakeQuantLinear
 
 SINGLE = "model.safetensors"
@@ -93,12 +92,12 @@ def write_tensors(tensors: dict[str, torch.Tensor], out_dir: Path, part_file_siz
     shards = plan_shards(tensors, part_file_size)
     if len(shards) == 1:
         path = out_dir / SINGLE
-        save_file(tensors, str(path), metadata={"format": "pt"})
+        save_safetensors(tensors, path)
         return [path]
     written, weight_map = [], {}
     for i, keys in enumerate(shards, start=1):
         path = out_dir / f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file({k: tensors[k] for k in keys}, str(path), metadata={"format": "pt"})
+        save_safetensors({k: tensors[k] for k in keys}, path)
         weight_map.update(dict.fromkeys(keys, path.name))
         written.append(path)
     total = sum(t.numel() * t.element_size() for t in tensors.values())

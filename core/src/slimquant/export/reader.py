@@ -5,7 +5,7 @@ metadata that fails its schema (`slimquant.export.description`), a weight-file n
 name inside the directory (refused before anything is opened), a missing shard, a weight file without a
 recorded sha256 (unless verify=False) or whose sha256 differs from the recorded one (corrupt or truncated), a
 file safetensors cannot open, a tensor the description names but no file holds (or the reverse), or a tensor
-typed otherwise than its Linear.
+typed otherwise than its Linear, or a floating-point tensor holding NaN or Inf.
 """
 
 from __future__ import annotations
@@ -46,6 +46,8 @@ def _read_json(path: Path) -> dict:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise OutputError(f"cannot read {path}: {exc}") from None
+    except RecursionError:
+        raise OutputError(f"cannot read {path}: the JSON is nested too deeply") from None
     if not isinstance(data, dict):
         raise OutputError(f"{path}: expected a JSON object")
     return data
@@ -190,6 +192,18 @@ class QuantizedFiles:
             handle = self._handles.get(path)
             if handle is None:
                 handle = self._handles[path] = safe_open(str(path), framework="pt")
-            return handle.get_tensor(key)
+            tensor = handle.get_tensor(key)
         except Exception as exc:
             raise OutputError(f"cannot read tensor {key} from {path.name}: {exc}") from None
+        _check_finite(tensor, key, path)
+        return tensor
+
+
+def _check_finite(tensor: torch.Tensor, key: str, path: Path) -> None:
+    """A saved float tensor holding NaN or Inf is corrupt, whatever its checksum says."""
+    if not tensor.is_floating_point():
+        return
+    bad = int((~torch.isfinite(tensor)).sum())
+    if bad:
+        raise OutputError(f"tensor {key} holds NaN or Inf ({bad} value(s)) in weight file {path}; the output is "
+                          "corrupt")

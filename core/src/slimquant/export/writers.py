@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from slimquant.errors import OutputError
@@ -18,8 +19,16 @@ FLOAT_NPZ = "float_weights.npz"
 NPZ_OF_SUFFIX = {"weight": "quant_weight.npz"}  # msModelSlim's quant_weight.npy; other suffixes keep their name
 
 
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors' save_file, its failures (a full disk: SafetensorError without the path) naming the file."""
+    try:
+        save_file(tensors, str(path), metadata={"format": "pt"})
+    except (OSError, SafetensorError) as exc:
+        raise OutputError(f"cannot write {path}: {exc}") from None
+
+
 def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    save_file(_unshared(tensors), str(path), metadata={"format": "pt"})
+    save_safetensors(_unshared(tensors), path)
     path.chmod(0o666 & ~process_umask())  # safetensors creates files 0600; give them the permissions of the other files
 
 

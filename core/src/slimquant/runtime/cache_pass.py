@@ -29,7 +29,7 @@ def check_cache_plan(model: nn.Module, layers, prefix: str, algorithms: Algorith
             raise RecipeError(f"kv_cache: decoder layer {prefix}.{i} has no attention module to quantize the cache of")
         problems += algorithms.check_cache(f"{prefix}.{i}.{found[0]}", kv_attention.cache_shape(found[1]))
     if problems:
-        raise RecipeError("the cache plugin cannot quantize these attention layers:\n  " + "\n  ".join(problems))
+        raise RecipeError("the cache plugin cannot quantize these attention layers: " + "; ".join(problems))
 
 
 def quantize_layer_cache(ctx: LayerContext, algorithms: AlgorithmPlan) -> CacheQParams:

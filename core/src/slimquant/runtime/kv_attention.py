@@ -143,3 +143,15 @@ def cache_shape(attention: nn.Module) -> tuple[int, int]:
     config = attention.config
     heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     return int(heads), int(attention.head_dim)
+
+
+def rotary_dim(attention: nn.Module) -> int:
+    """How many leading head_dim channels of the cached keys the rotary embedding has turned, channel c together with
+    c + rotary_dim / 2 (transformers' rotate_half layout); 0 for a model without one (learned or no positions)."""
+    config = attention.config
+    rope = getattr(config, "rope_parameters", None)
+    if not rope:
+        return 0
+    factor = rope.get("partial_rotary_factor") or getattr(config, "partial_rotary_factor", None) or 1.0
+    dim = getattr(attention, "rotary_ndims", None) or int(attention.head_dim * factor)
+    return min(dim - dim % 2, int(attention.head_dim))

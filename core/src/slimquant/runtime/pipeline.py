@@ -21,13 +21,7 @@ from slimquant.config.recipe import Recipe
 from slimquant.config.scheme import Strategy
 from slimquant.errors import CalibrationError, CheckpointError, PluginError, RecipeError
 from slimquant.model.checks import check_finite, check_samples
-from slimquant.model.structure import (
-    find_decoder_layers,
-    float_module_names,
-    layer_linears,
-    normalize_linears,
-    set_submodule,
-)
+from slimquant.model.structure import layer_linears, set_submodule
 from slimquant.plugins import AlgorithmPlan, linear_cost, plan_algorithms, row_parallel, runs_distributed
 from slimquant.quant.actparams import ActQParams
 from slimquant.quant.fake_linear import FakeQuantLinear, materialized_weights
@@ -36,14 +30,15 @@ from slimquant.quant.qweight import QuantizedWeight
 from slimquant.quant.scale_rounding import float16_scales
 from slimquant.quant.two_level import two_level_grid
 from slimquant.runtime import distributed, kv_attention
-from slimquant.runtime.cache_pass import check_cache_plan, quantize_layer_cache
+from slimquant.runtime.cache_pass import quantize_layer_cache
 from slimquant.runtime.catcher import catch_layer_inputs
 from slimquant.runtime.checkpoint import Checkpoint
 from slimquant.runtime.context import LayerContext, hidden_of_input, with_hidden
-from slimquant.runtime.fingerprint import run_fingerprint
+from slimquant.runtime.fingerprint import job_parts, model_parts, run_fingerprint, samples_parts
 from slimquant.runtime.linear_error import measure_linear_errors
-from slimquant.runtime.plan import LinearPlan, check_group_sizes, plan_linears
+from slimquant.runtime.plan import LinearPlan
 from slimquant.runtime.precision import calibration_precision, full_precision, resolve_calibration_dtype
+from slimquant.runtime.preflight import plan_model
 from slimquant.stats import Statistic
 
 if TYPE_CHECKING:
@@ -146,17 +141,15 @@ class LayerwiseQuantizer:
         self.device = device
         self.algorithms = algorithms or plan_algorithms(recipe)
         self.plugins = self.algorithms.plugins
-        normalize_linears(model)
-        self.prefix, self.layers = find_decoder_layers(model)
-        linears = {}
-        for i, layer in enumerate(self.layers):
-            linears.update(layer_linears(layer, f"{self.prefix}.{i}"))
-        self.plans = plan_linears(recipe, self.algorithms, list(linears), float_module_names(model))
-        check_group_sizes(recipe, self.plans, linears)
+        self.ranks = distributed.current()
+        if self.ranks.several:  # refused alike on every process, then compared before any work
+            self._check_distributed()
+            distributed.agree({**job_parts(recipe, self.algorithms), **model_parts(model)}, "the model and recipe",
+                              device)
+        planned = plan_model(model, recipe, self.algorithms)
+        self.prefix, self.layers, self.plans = planned.prefix, planned.layers, planned.plans
         if self.algorithms.cache is not None:
-            check_cache_plan(model, self.layers, self.prefix, self.algorithms)
             kv_attention.enable(model)
-        self._check_linears(linears)
         self.needs_data = smooth_only or self.algorithms.requires_calibration_data(self.plans.values())
         self.check_finite = recipe.runtime.check_finite
         weight_only = self.algorithms.cache is None and all(
@@ -168,9 +161,6 @@ class LayerwiseQuantizer:
         self._input_order: dict[str, int] = {}  # Linear -> ordinal of the input tensor it read (this layer)
         self._inputs_seen = 0
         self._owners: dict[str, int] | None = None  # Linear -> the process quantizing it (_quantize_group)
-        self.ranks = distributed.current()
-        if self.ranks.several:
-            self._check_distributed()
         if self.check_finite:  # every tensor that will be saved, not only those calibration reaches
             for name, tensor in model.state_dict().items():
                 if tensor.is_floating_point() and not tensor.is_meta:  # a source's layers are checked when read
@@ -206,18 +196,6 @@ class LayerwiseQuantizer:
                 if not any(stat is done for done in self._reduced):
                     distributed.reduce_statistic(stat, self.device, plugin)
                     self._reduced.append(stat)
-
-    def _check_linears(self, linears: dict[str, nn.Linear]) -> None:
-        """Each plugin's plan-time check on every Linear it will quantize, with its real shape, before calibration."""
-        problems = []
-        for name, plan in self.plans.items():
-            if plan is not None:
-                shape = (linears[name].out_features, linears[name].in_features)
-                problems += [f"{name}: {p}" for p in self.algorithms.check(plan, name, shape)]
-        if problems:
-            more = f"\n  ... and {len(problems) - 8} more" if len(problems) > 8 else ""
-            raise RecipeError("the plugins cannot quantize these Linears as planned:\n  "
-                              + "\n  ".join(problems[:8]) + more)
 
     def grid(self, plan: LinearPlan) -> WeightGrid | None:
         """The plan's weight grid from its provider's `weight_grid` hook, built once per (provider, WeightArgs)."""
@@ -391,6 +369,8 @@ class LayerwiseQuantizer:
     def run(self, samples: list[torch.Tensor] | None = None) -> QuantizationReport:
         """Quantize the model in place. `samples` None takes the data-free path (when no plugin needs data);
         with samples, each layer's and Linear's error against float is measured on them as well."""
+        if self.ranks.several:
+            distributed.agree(samples_parts(samples, self.pass_dtype), "the calibration samples", self.device)
         if samples is None:
             if self.needs_data:
                 raise CalibrationError("this recipe needs calibration data (its plugins observe activations or "

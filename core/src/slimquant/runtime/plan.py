@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 
 from slimquant.config.recipe import LayerOverride, Recipe
-from slimquant.config.scheme import PRESETS, Scheme
+from slimquant.config.scheme import PRESETS, Scheme, merge_args
 from slimquant.errors import RecipeError
 
 
@@ -44,9 +44,16 @@ def _check_patterns(patterns: list[str], names: list[str], where: str) -> None:
 
 
 def override_scheme(scheme: Scheme, override: LayerOverride) -> Scheme:
-    base = PRESETS[override.scheme] if override.scheme else scheme
-    weights = override.weights or base.weights
-    activations = override.activations or base.activations
+    """An override's blocks complete its own `scheme` preset field by field; without a preset they stand alone, as
+    an explicit block for the Linears it targets (W4A16 with an override `weights: {bits: 8}` is 8-bit symmetric per
+    channel there, not 8-bit in groups of 128)."""
+    if override.scheme:
+        preset = PRESETS[override.scheme]
+        weights = merge_args(override.weights, preset.weights)
+        activations = merge_args(override.activations, preset.activations)
+    else:
+        weights = override.weights or scheme.weights
+        activations = override.activations or scheme.activations
     if override.weight_only:
         activations = None
     return Scheme(weights=weights, activations=activations)
@@ -77,9 +84,10 @@ def plan_linears(recipe: Recipe, algorithms, linear_names: list[str],
 def check_group_sizes(recipe: Recipe, plans: dict[str, LinearPlan | None], linears: dict) -> None:
     """A group size the user wrote that is wider than a Linear's input is a mistake (a typo, or a scheme meant for
     another model). A preset's group (W4A16: 128) on a narrower Linear is one shorter group, i.e. per channel."""
-    explicit = [w for w in [recipe.weights, *(o.weights for o in recipe.overrides)] if w is not None]
+    explicit = {w.group_size for w in [recipe.weights, *(o.weights for o in recipe.overrides)]
+                if w is not None and "group_size" in w.model_fields_set}
     for name, plan in plans.items():
-        if plan is None or plan.scheme.weights not in explicit:
+        if plan is None or plan.scheme.weights.group_size not in explicit:
             continue
         group, in_features = plan.scheme.weights.group_size, linears[name].in_features
         if group and group > in_features:

@@ -10,6 +10,7 @@ from torch import nn
 
 from slimquant.errors import OutputError
 from slimquant.export.hf_folder import check_structure, float_tensors, model_dtype, reference_model, write_folder
+from slimquant.export.problems import summarize
 from slimquant.hookspecs import hookimpl
 from slimquant.quant.fake_linear import FakeQuantLinear
 from slimquant.runtime import kv_attention
@@ -47,7 +48,7 @@ class CompressedTensorsExporter:
         for n, m in fakes.items():
             problems += spec_problems(specs[n], n, tuple(m.qweight.shape)) + weight_problems(n, m, dtype)
         if problems:
-            raise OutputError("compressed-tensors cannot hold this model exactly:\n  " + "\n  ".join(problems))
+            raise OutputError("compressed-tensors cannot hold this model exactly: " + summarize(problems, fakes))
         tensors = float_tensors(model, reference, fakes, dtype, self.name)
         for n, m in fakes.items():
             tensors.update(linear_tensors(n, m, specs[n], dtype))

@@ -12,6 +12,7 @@ import gguf
 from pydantic import BaseModel, ConfigDict
 
 from slimquant.errors import OutputError
+from slimquant.export.problems import summarize
 from slimquant.hookspecs import hookimpl
 from slimquant.quant.fake_linear import FakeQuantLinear
 from slimquant.quant.qweight import QuantizedWeight
@@ -49,6 +50,7 @@ def _permuted(qw: QuantizedWeight, heads: int | None) -> QuantizedWeight:
 
 class GGUFExporter:
     name = "gguf"
+    scale_dtype = "float16"  # the file stores float16 scales (slimquant.hookspecs)
 
     class Config(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -70,7 +72,7 @@ class GGUFExporter:
             problems += module_problems(n, m)
         tensors = self._tensor_list(model, fakes, problems)
         if problems:
-            raise OutputError("gguf cannot hold this model exactly:\n  " + "\n  ".join(problems))
+            raise OutputError("gguf cannot hold this model exactly: " + summarize(problems, fakes))
         path = Path(output_dir) / FILE_NAME
         writer = gguf.GGUFWriter(path, ARCH)
         write_hyperparameters(writer, config, getattr(config, "_name_or_path", "") or type(model).__name__)

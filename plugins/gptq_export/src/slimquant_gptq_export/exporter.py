@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict
 import slimquant
 from slimquant.errors import OutputError
 from slimquant.export.hf_folder import check_structure, float_tensors, model_dtype, reference_model, write_folder
+from slimquant.export.problems import summarize
 from slimquant.hookspecs import hookimpl
 from slimquant.quant.fake_linear import FakeQuantLinear
 from slimquant.runtime import kv_attention
@@ -50,6 +51,7 @@ def quantization_config(fakes: dict[str, FakeQuantLinear], checkpoint_format: st
 
 class GPTQExporter:
     name = "gptq"
+    scale_dtype = "float16"  # the file stores float16 scales (slimquant.hookspecs)
     checkpoint_format = "gptq"
 
     class Config(BaseModel):
@@ -80,7 +82,7 @@ class GPTQExporter:
         for n, m in fakes.items():
             problems += module_problems(n, m, self.v2)
         if problems:
-            raise OutputError(f"{self.name} cannot hold this model exactly:\n  " + "\n  ".join(problems))
+            raise OutputError(f"{self.name} cannot hold this model exactly: " + summarize(problems, fakes))
         dtype = model_dtype(model)
         tensors = float_tensors(model, reference, fakes, dtype, self.name)
         for n, m in fakes.items():

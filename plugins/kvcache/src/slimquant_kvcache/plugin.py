@@ -9,7 +9,8 @@ from pydantic import BaseModel, ConfigDict
 from slimquant.errors import CalibrationError
 from slimquant.hookspecs import hookimpl
 from slimquant.quant.cache_params import CacheQParams
-from slimquant_kvcache.ranges import CacheRange, cache_qparams
+from slimquant.runtime import kv_attention
+from slimquant_kvcache.ranges import CacheRange
 
 
 class KVCacheConfig(BaseModel):
@@ -36,8 +37,8 @@ class KVCachePlugin:
 
     @hookimpl
     def observe_cache(self, ctx, layer_index, keys, values):
-        state = ctx.state(self.name)
-        state.setdefault("range", CacheRange()).add(keys, values)
+        _, attention = kv_attention.find_attention(ctx.layer)
+        ctx.state(self.name).setdefault("range", CacheRange()).add(keys, values, kv_attention.rotary_dim(attention))
 
     @hookimpl
     def quantize_cache(self, ctx, layer_index, args):
@@ -46,8 +47,5 @@ class KVCachePlugin:
         observed = ctx.state(self.name).pop("range", None)
         if observed is None:
             raise CalibrationError(f"decoder layer {layer_index}: no calibration batch reached its attention")
-        key_scale, key_zero = cache_qparams(observed.key_min, observed.key_max, args.strategy, args.bits,
-                                            args.symmetric)
-        value_scale, value_zero = cache_qparams(observed.value_min, observed.value_max, args.strategy, args.bits,
-                                                args.symmetric)
-        return CacheQParams(args.bits, args.symmetric, False, key_scale, key_zero, value_scale, value_zero)
+        return CacheQParams(args.bits, args.symmetric, False, *observed.qparams(args.strategy, args.bits,
+                                                                                args.symmetric))
