@@ -1,29 +1,20 @@
-"""Outlier suppression (issue 5): SmoothQuant, Shift (OS+), PaddleSlim's piecewise search, and the msModelSlim /
-PaddleSlim calls on top of them. Smoothing alone must leave the float model's function unchanged."""
-
-import logging
+"""Outlier suppression in the core: smoothing's own pieces, and the msModelSlim / PaddleSlim calls on top of the
+smoothing plugins (skipped when a plugin they name is not installed). Each smoother's own behaviour is tested beside
+it: plugins/smoothquant, plugins/shift and plugins/piecewise (with slimquant.testing.smoothing)."""
 
 import pytest
 import torch
-import transformers
 from tiny_models import VOCAB, tiny_model, token_samples
 
 import slimquant
 from slimquant import smoothing
 from slimquant.errors import CalibrationError, RecipeError
-from slimquant.model.structure import normalize_linears
 from slimquant.quant.fake_linear import FakeQuantLinear
+from slimquant.testing.smoothing import changed_parameters as changed_params
+from slimquant.testing.smoothing import logits
+from slimquant.testing.smoothing import relative_error as rel
+from slimquant.testing.smoothing import smoothing_recipe as recipe
 
-EQUIV_ARCHS = ["llama", "qwen2", "mistral", "gemma", "opt", "phi", "gpt2", "mixtral"]
-SMOOTHERS = {
-    "smoothquant": [{"name": "smoothquant", "smooth_all_linears": False}],
-    "smoothquant_all": [{"name": "smoothquant", "alpha": 0.8, "smooth_all_linears": True, "sampler": "ema"}],
-    "shift": [{"name": "shift", "shift_all_linears": True, "scale": True}],
-    "shift+smoothquant": [{"name": "shift", "shift_all_linears": True},
-                          {"name": "smoothquant", "smooth_all_linears": True}],
-    "piecewise": [{"name": "piecewise", "k_piece": 2, "search_piece": True, "smooth_all_linears": True,
-                   "search_alpha_step": 0.2, "search_scale_step": 2.0, "sample_tokens": 64}],
-}
 PLUGIN_MODULES = {"smoothquant": "slimquant_smoothquant", "shift": "slimquant_shift",
                   "piecewise": "slimquant_piecewise"}
 
@@ -33,40 +24,7 @@ def need(*names):
         pytest.importorskip(PLUGIN_MODULES[name])
 
 
-def recipe(algorithms, scheme="W8A8", **extra):
-    return {"scheme": scheme, "algorithms": algorithms, "model": {"device": "cpu"}, "runtime": {"progress": False},
-            **extra}
-
-
-def logits(model, ids):
-    with torch.no_grad():
-        return model(ids).logits.float()
-
-
-def rel(a, b):
-    return float((a - b).norm() / b.norm())
-
-
-def changed_params(before: dict, model) -> int:
-    after = model.state_dict()
-    return sum(1 for k, v in after.items() if k not in before or not torch.allclose(v, before[k]))
-
-
-# -- equivalence ---------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("smoother", list(SMOOTHERS))
-@pytest.mark.parametrize("arch", EQUIV_ARCHS)
-def test_smoothing_alone_keeps_the_float_model(arch, smoother):
-    need(*{a["name"] for a in SMOOTHERS[smoother]})
-    model = tiny_model(arch)
-    normalize_linears(model)  # GPT-2 Conv1D -> Linear first, so parameters compare one to one
-    ids = token_samples(1, 24, seed=7)[0]
-    reference = logits(model, ids)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    slimquant.smooth_only(model, recipe(SMOOTHERS[smoother]), samples=token_samples(4, 32))
-    assert rel(logits(model, ids), reference) < 1e-4
-    assert changed_params(before, model) > 0  # something was rewritten, not everything undone
+# -- smoothing's own pieces ------------------------------------------------------------------------------------------
 
 
 def test_smooth_only_needs_a_smoother():
@@ -80,72 +38,6 @@ def test_norm_flavors_are_probed():
     assert smoothing.norm_flavor(torch.nn.LayerNorm(8)) == "scale"
 
 
-def test_gqa_v_to_o_shares_each_kv_heads_factors():
-    need("smoothquant")
-    model = tiny_model("llama")  # 4 query heads over 2 kv heads of 16 channels
-    attn = model.model.layers[0].self_attn
-    v0, o0 = attn.v_proj.weight.clone(), attn.o_proj.weight.clone()
-    only_pairs = {"name": "smoothquant", "smooth_all_linears": True, "skip": ["*layernorm"]}
-    slimquant.smooth_only(model, recipe([only_pairs]), samples=token_samples(4, 32))
-    s_v = v0[:, 0] / attn.v_proj.weight[:, 0]  # per v channel: row divided by s
-    s_o = attn.o_proj.weight[0] / o0[0]  # per o input channel: column multiplied by s
-    assert not torch.allclose(s_v, torch.ones_like(s_v))
-    expected = s_v.reshape(2, 1, 16).expand(2, 2, 16).reshape(-1)
-    torch.testing.assert_close(s_o, expected, rtol=1e-4, atol=1e-6)
-
-
-# -- what smoothing buys ---------------------------------------------------------------------------------------------
-
-
-def outlier_llama():
-    """A tiny Llama whose norms emit a few huge channels, as real LLMs do."""
-    model = tiny_model("llama")
-    with torch.no_grad():
-        for layer in model.model.layers:
-            for norm in (layer.input_layernorm, layer.post_attention_layernorm):
-                norm.weight[[3, 17, 40]] *= 60.0
-    return model
-
-
-def w8a8_error(algorithms) -> float:
-    model = outlier_llama()
-    ids = token_samples(4, 32, seed=3)
-    reference = [logits(model, i) for i in ids]
-    slimquant.quantize(model, recipe(algorithms + [{"name": "minmax", "act_method": 1}]),
-                       samples=token_samples(8, 32))
-    return sum(rel(logits(model, i), r) for i, r in zip(ids, reference, strict=True))
-
-
-def test_smoothquant_lowers_w8a8_static_error_on_outlier_channels():
-    need("smoothquant", "piecewise")
-    plain = w8a8_error([])
-    smoothed = w8a8_error([{"name": "smoothquant", "alpha": 0.5}])
-    searched = w8a8_error([{"name": "piecewise", "k_piece": 2, "sample_tokens": 128}])
-    assert smoothed < 0.7 * plain, (plain, smoothed)
-    assert searched < 0.7 * plain, (plain, searched)
-
-
-def test_shift_centres_every_channel_range():
-    need("shift")
-    model = tiny_model("llama")
-    samples = token_samples(4, 32)
-    slimquant.smooth_only(model, recipe([{"name": "shift", "shift_all_linears": True}]), samples=samples)
-    layer = model.model.layers[0]
-    assert type(layer.input_layernorm).__name__ == "LlamaRMSNormWithBias"
-    assert "model.layers.0.input_layernorm.bias" in model.state_dict()
-    seen = {}
-    hooks = [m.register_forward_hook(lambda mod, i, o, n=n: seen.setdefault(n, []).append(i[0].reshape(-1, 64)))
-             for n, m in [("q", layer.self_attn.q_proj), ("gate", layer.mlp.gate_proj)]]
-    for ids in samples:
-        logits(model, ids)
-    for h in hooks:
-        h.remove()
-    for name, xs in seen.items():
-        x = torch.cat(xs)
-        lo, hi = x.amin(0), x.amax(0)
-        assert float(((hi + lo).abs() / (hi - lo)).max()) < 1e-4, name
-
-
 def test_ema_sampler_is_bias_corrected():
     r = smoothing.ChannelRange("ema", 0.9)
     for _ in range(3):
@@ -153,57 +45,6 @@ def test_ema_sampler_is_bias_corrected():
     lo, hi = r.span()
     torch.testing.assert_close(lo, torch.tensor([-2.0, 1.0]))
     torch.testing.assert_close(hi, torch.tensor([1.0, 3.0]))
-
-
-def test_piecewise_search_never_loses_to_no_smoothing():
-    need("piecewise")
-    from slimquant_piecewise import PieceWiseConfig, PieceWiseSearchPlugin, kmeans_1d
-
-    labels = kmeans_1d(torch.tensor([0.1, 50.0, 0.2, 3.0, 2.9, 49.0]), 3)
-    assert labels.tolist() == [0, 2, 0, 1, 1, 2]
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(256, 32, generator=g)
-    x[:, [2, 9]] *= 80
-    w = torch.randn(48, 32, generator=g)
-    plugin = PieceWiseSearchPlugin(PieceWiseConfig(k_piece=3, search_piece=True))
-    s = plugin.search("test", x, x.abs().amax(0), w.abs().amax(0), w, lambda t: t)
-    ref = x @ w.T
-    assert plugin.loss(x, w, ref, s) < 0.5 * plugin.loss(x, w, ref, torch.ones(32))
-
-
-# -- structures that cannot be smoothed ------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("seqlen", [32, 96])  # 96: the guard checks the first 64 tokens only
-def test_post_norm_shortcut_is_left_alone_and_still_quantized(caplog, seqlen):
-    need("smoothquant")
-    cfg = transformers.OPTConfig(vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
-                                 num_attention_heads=4, word_embed_proj_dim=64, max_position_embeddings=128,
-                                 do_layer_norm_before=False)
-    cfg._attn_implementation = "eager"
-    torch.manual_seed(0)
-    model = transformers.OPTForCausalLM(cfg).eval()
-    ids = token_samples(1, 24, seed=7)[0]
-    reference = logits(model, ids)
-    with caplog.at_level(logging.WARNING, logger="slimquant.smoothing"):
-        slimquant.smooth_only(model, recipe([{"name": "smoothquant", "smooth_all_linears": True}]),
-                              samples=token_samples(4, seqlen))
-    assert rel(logits(model, ids), reference) < 1e-4
-    assert "model.decoder.layers.0.self_attn_layer_norm" in caplog.text and "post-norm" in caplog.text
-    slimquant.quantize(model, recipe([{"name": "smoothquant"}]), samples=token_samples(4, 32))
-    assert isinstance(model.model.decoder.layers[1].fc1, FakeQuantLinear)
-
-
-def test_moe_router_blocks_a_shift_but_takes_a_scale(caplog):
-    need("shift", "smoothquant")
-    model = tiny_model("mixtral")
-    router = model.model.layers[0].mlp.gate
-    w0 = router.weight.clone()
-    with caplog.at_level(logging.WARNING, logger="slimquant.smoothing"):
-        slimquant.smooth_only(model, recipe([{"name": "shift"}, {"name": "smoothquant"}]),
-                              samples=token_samples(4, 32))
-    assert "model.layers.0.mlp.gate (MixtralTopKRouter)" in caplog.text
-    assert not torch.allclose(router.weight, w0)  # smoothquant scaled the router's columns with the experts'
 
 
 # -- the APIs users know ---------------------------------------------------------------------------------------------
@@ -310,26 +151,3 @@ def test_paddleslim_skip_norm_list():
     smooth.update_weight()
     assert torch.equal(model.model.layers[0].input_layernorm.weight, w0[0])
     assert not torch.equal(model.model.layers[1].input_layernorm.weight, w0[1])
-
-
-# -- saved and reloaded ----------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("smoother", ["shift", "shift+smoothquant"])
-def test_smoothed_norms_and_new_biases_are_saved_and_restored(smoother, tmp_path):
-    """Shift gives RMSNorms and bias-free Linears a bias: the loader must recreate it, or the logits go wrong."""
-    need(*{a["name"] for a in SMOOTHERS[smoother]})
-    from slimquant.export import save_quantized
-    from slimquant.loader import load_quantized
-
-    float_model = tiny_model("llama")
-    model = tiny_model("llama")
-    model.load_state_dict(float_model.state_dict())
-    slimquant.quantize(model, recipe(SMOOTHERS[smoother]), samples=token_samples(4, 16))
-    norm = model.model.layers[0].input_layernorm
-    assert getattr(norm, "bias", None) is not None and float(norm.bias.abs().max()) > 0
-    out = tmp_path / "out"
-    save_quantized(model, out)
-    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(3))
-    loaded = load_quantized(float_model, out)
-    assert torch.allclose(logits(loaded, ids), logits(model, ids), rtol=0, atol=1e-5)

@@ -10,7 +10,7 @@ def test_declaration():
     assert "paddleslim" in SmoothQuantPlugin.aliases
 
 
-# the smoothing equivalence itself is tested on every architecture in tests/test_smoothers.py
+# the smoothing equivalence itself is tested on every architecture in test_smoothquant.py
 ARCHS = ("llama", "opt", "gpt2", "phi", "qwen2_moe")
 
 
