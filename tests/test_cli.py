@@ -19,9 +19,16 @@ def quick(model_dir, calib, *extra):
 
 @pytest.mark.parametrize("command", ["quantize", "eval", "plugins", "inspect"])
 def test_help_is_complete(command):
-    result = run(command, "--help")
+    """Every parameter of the command has a help text, and --help lists every one of them."""
+    import typer.main
+
+    params = typer.main.get_command(app).commands[command].params
+    result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"})  # option names are cut at 80 columns
     assert result.exit_code == 0
-    assert command in result.output
+    for param in params:
+        assert param.help, f"{command}: {param.name} has no help text"
+        shown = max(param.opts, key=len) if param.param_type_name == "option" else param.name
+        assert shown in result.output, f"{command} --help does not list {shown}"
 
 
 def test_plugins_lists_minmax_with_its_hooks():

@@ -22,7 +22,7 @@ PLUGIN_SOURCE = '''
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from slimquant import hookimpl
 from slimquant.quant.qweight import QuantizedWeight, contiguous_g_idx, num_groups
@@ -43,6 +43,7 @@ class Pow2(object):
     aliases = {"msmodelslim.w_method": "POW2"}
 
     class Config(BaseModel):
+        model_config = ConfigDict(extra="forbid")
         name: Literal["pow2"] = "pow2"
 
     def __init__(self, config):
@@ -74,6 +75,7 @@ class HalfZero(object):
     requires_calibration_data = False
 
     class Config(BaseModel):
+        model_config = ConfigDict(extra="forbid")
         name: Literal["halfzero"] = "halfzero"
         shrink: float = Field(1.0, gt=0, le=1)
 

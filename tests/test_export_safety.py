@@ -10,7 +10,7 @@ import pytest
 import torch
 from export_helpers import base_model, float_llama, quantized, rewrite_weights, saved
 
-from slimquant.errors import OutputError
+from slimquant.errors import OutputError, PluginError
 from slimquant.export import atomic_output_dir, save_quantized
 from slimquant.loader import load_quantized
 
@@ -59,7 +59,7 @@ def test_failed_save_leaves_the_old_output_and_no_temporary_dir(float_model, tmp
         raise RuntimeError("disk full")
 
     monkeypatch.setattr(ascend, "write_numpy", broken)
-    with pytest.raises(RuntimeError, match="disk full"):
+    with pytest.raises(PluginError, match="plugin 'numpy' failed in export: RuntimeError: disk full"):
         save_quantized(model, out, save_type=["safe_tensor", "numpy"], overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == before
     assert _leftovers(tmp_path) == []

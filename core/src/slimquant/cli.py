@@ -156,7 +156,7 @@ def eval_command(
         help="write PNGs and report.html here: per-Linear errors by layer and the bit map (needs an output)")] = None,
     verify: Annotated[bool, typer.Option("--verify/--no-verify",
                                          help="check every weight file against its recorded sha256")] = True,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log each step")] = False,
 ) -> None:
     """Measure a model: perplexity, and for a saved output KL / top-1 against float and per-Linear errors."""
     from slimquant.config.recipe import ModelSpec

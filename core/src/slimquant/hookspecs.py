@@ -7,12 +7,20 @@ Two entry-point groups, each name unique within its group:
 - ``slimquant.exporters``: output formats (``safe_tensor``, ``numpy``, ...), named in ``save_type`` /
   ``--save-type``.
 
+A plugin imports from slimquant only ``slimquant.sdk``: ``hookimpl``, the plan, weight and grid types, the math API,
+statistics, errors, exporter helpers and the testing kit, re-exported there by role; CI enforces it with
+import-linter (the contracts in the root ``pyproject.toml``). This module specifies the hooks it implements.
+
 A plugin is a class with:
 
 - ``name``: what users write; it must equal the entry-point name;
-- ``Config``: a pydantic model of its arguments, with ``name: Literal["<name>"]``; ``__init__(self, config)``
-  takes the validated ``Config``;
-- the hooks below that it implements, marked with ``@hookimpl``;
+- ``Config``: a pydantic model of its arguments, with ``name: Literal["<name>"]`` and
+  ``model_config = ConfigDict(extra="forbid")``; ``__init__(self, config)`` takes the validated ``Config``. The
+  runtime refuses keys the Config does not declare whatever its setting, and ``check_plugin`` requires
+  ``extra="forbid"``;
+- the hooks below that it implements, marked with ``@hookimpl``. Every algorithm named in ``algorithms`` must take
+  a role in the plan (weights, activations, smoother, grid, cache, or an override's algorithm) through such a hook;
+  one that takes none is refused at plan time;
 - its capabilities, as data the runtime reads (class attributes, which ``__init__`` may refine per instance from
   the config):
 
@@ -51,7 +59,8 @@ A plugin is a class with:
       process would: every statistic the plugin keeps in ``ctx.state`` is a ``slimquant.stats.Statistic`` (the
       runtime combines them after each observation pass) and it searches nothing on the calibration data one
       process holds (``ctx.block_inputs`` differ between processes). A run on several processes refuses plugins
-      that do not declare it.
+      that do not declare it; it, and ``check_plugin`` in one process, also refuses a tensor kept in ``ctx.state``
+      outside a ``Statistic``, naming the plugin and the key.
   ``row_parallel: bool`` (default False)
       True when ``quantize_weight`` quantizes only ``module.weight[ctx.row_block(name)]`` and returns the
       ``QuantizedWeight`` of those rows (rows independent given the statistics: round to nearest, GPTQ). On several
@@ -115,8 +124,11 @@ a plugin pops what it has consumed (GPTQ pops each Linear's Hessian). Statistics
 min/max, samples concatenate). Plugins never register torch hooks themselves: the runtime owns them.
 
 Errors: a hook raises ``slimquant.errors.RecipeError`` for a bad combination of arguments (better caught in
-``check``), ``CalibrationError`` for unusable data; anything it returns that breaks the contract (a wrong type,
-shape or dtype) is reported by the runtime as a ``PluginError`` naming the plugin and the Linear.
+``check``) and ``CalibrationError`` for unusable data. These, ``OSError`` and out-of-memory errors reach the user
+unchanged. Any other exception raised inside a hook is a plugin bug: the runtime raises it again as ``PluginError:
+plugin 'X' failed in <hook> on <Linear>: <Type>: <msg>``, with the original as ``__cause__``. What a hook returns is
+validated when the runtime receives it, a ``QuantizedWeight`` changed after it was built included: a wrong type,
+shape, dtype or range is a ``PluginError`` naming the plugin and the Linear.
 """
 
 from __future__ import annotations
@@ -194,8 +206,9 @@ def weight_grid(args):
     (``quantize_scales``: float32, or rounded, e.g. double-quantized), and the value of each code
     (``quantize`` / ``dequantize``, ``codebook``). Weight algorithms get it through ``ctx.grid(name)`` (built once
     per distinct ``args`` and cached) and return a ``QuantizedWeight`` on it: the runtime refuses one whose codebook
-    differs from the grid's. Refuse arguments the grid cannot hold (``weights.bits``) in ``check``: the runtime
-    calls ``check`` on the grid provider of every plan too. Must not modify anything.
+    differs from the grid's. ``WeightGrid``'s docstring says which of its methods the weight algorithms call, when,
+    and the code and zero-point conventions. Refuse arguments the grid cannot hold (``weights.bits``) in ``check``:
+    the runtime calls ``check`` on the grid provider of every plan too. Must not modify anything.
     """
 
 
@@ -227,6 +240,11 @@ def export(model, output_dir, options: dict):
     """Write ``model`` (after quantization) into ``output_dir``, on the exporter of the format asked for.
 
     ``output_dir`` is a fresh temporary directory that the caller renames into place when every format has been
-    written; ``options`` holds ``part_file_size``, ``linear_types``, ``pack_int4``. Return the list of files
-    written. Refuse what the format cannot hold in ``check``, before any work, never by writing an approximation.
+    written. Each quantized Linear of ``model`` is a ``FakeQuantLinear``; its ``qweight`` holds the codes and
+    scales. ``options`` holds ``part_file_size`` (GiB per shard, 0: one file), ``linear_types`` (each Linear's name
+    to its scheme's type name, ``"W8A8"``, ..., ``"FLOAT"`` when left in float; None when not known) and
+    ``pack_int4`` (two 4-bit codes per byte where the format allows). Return the list of files written. Refuse
+    what the format cannot hold in ``check``, before any work, never by writing an approximation. Write only under
+    ``output_dir``: ``save_quantized`` removes anything the exporter creates beside it and reports it as a
+    ``PluginError``.
     """

@@ -11,13 +11,14 @@ from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint, entry_points
 
 import pluggy
-from pydantic import BaseModel, ValidationError
+import torch
+from pydantic import AliasChoices, AliasPath, BaseModel, ValidationError
 
 from slimquant import hookspecs
 from slimquant.config.kv_cache import KVCacheArgs
 from slimquant.config.recipe import Recipe, format_validation_error
 from slimquant.config.scheme import Strategy
-from slimquant.errors import PluginError, RecipeError
+from slimquant.errors import PluginError, RecipeError, SlimquantError
 
 ALGORITHMS = "slimquant.plugins"
 EXPORTERS = "slimquant.exporters"
@@ -26,6 +27,9 @@ HOOK_NAMES = ("check", "observe", "smooth", "quantize_weight", "quantize_act", "
               "quantize_cache", "export")
 ALGORITHM_HOOKS = ("observe", "smooth", "quantize_weight", "quantize_act", "weight_grid", "observe_cache",
                    "quantize_cache")
+ROLE_HOOKS = ("smooth", "quantize_weight", "quantize_act", "weight_grid", "quantize_cache")  # each gives a plan role
+# what a hook may raise that is not the plugin's fault: passed on as it is, not as a PluginError
+NOT_WRAPPED = (SlimquantError, OSError, MemoryError, torch.OutOfMemoryError)
 DEFAULT_ALGORITHM = "minmax"
 UNIFORM_GRID = "uniform"  # an override's grid: the integer grid, whatever grid the recipe's algorithms name
 
@@ -96,10 +100,33 @@ def hooks_of(cls: type) -> list[str]:
 
 
 def validate_args(cls: type, args: dict, where: str) -> BaseModel:
+    """The plugin's Config from a recipe's arguments; a key the Config does not declare is refused whatever the
+    Config's own `extra` setting (pydantic ignores unknown keys by default)."""
+    known = config_keys(cls.Config)
+    unknown = [key for key in args if key not in known]
+    if unknown:
+        problems = "; ".join(f"{key}: unknown key for {cls.name!r} (check the spelling; it takes "
+                             f"{', '.join(sorted(known))})" for key in unknown)
+        raise RecipeError(f"{where}: {len(unknown)} problem(s): {problems}")
     try:
         return cls.Config.model_validate(args)
     except ValidationError as exc:
         raise RecipeError(format_validation_error(exc, where)) from None
+
+
+def config_keys(config: type[BaseModel]) -> set[str]:
+    """The keys a Config accepts: its field names and their aliases."""
+    keys = set()
+    for field_name, info in config.model_fields.items():
+        keys.add(field_name)
+        for alias in (info.alias, info.validation_alias):
+            choices = alias.choices if isinstance(alias, AliasChoices) else [alias]
+            for choice in choices:
+                if isinstance(choice, AliasPath):
+                    choice = choice.path[0]
+                if isinstance(choice, str):
+                    keys.add(choice)
+    return keys
 
 
 # -- capabilities, read as declared data ------------------------------------------------------------------------
@@ -194,13 +221,27 @@ class PluginSet:
         if caller is None:
             others = [p for n, p in self.plugins.items() if n != plugin]
             caller = self._callers[(plugin, hook)] = self.pm.subset_hook_caller(hook, remove_plugins=others)
-        result = caller(**kwargs)
+        try:
+            result = caller(**kwargs)
+        except NOT_WRAPPED:
+            raise
+        except Exception as exc:  # a bug in the plugin: say whose, where, on what
+            raise PluginError(f"plugin {plugin!r} failed in {hook}{_call_site(kwargs)}: {type(exc).__name__}: "
+                              f"{exc}") from exc
         if caller.spec is not None and not caller.spec.opts.get("firstresult"):
             return result[0] if result else None  # one plugin: its own return value, not pluggy's list of them
         return result
 
     def get(self, name: str):
         return self.plugins[name]
+
+
+def _call_site(kwargs: dict) -> str:
+    """Where a hook failed, for its error message: on the Linear, or on the decoder layer for per-layer hooks."""
+    if kwargs.get("name"):
+        return f" on {kwargs['name']}"
+    prefix = getattr(kwargs.get("ctx"), "prefix", None)
+    return f" on {prefix}" if prefix else ""
 
 
 @dataclass(frozen=True)
@@ -385,8 +426,25 @@ def plan_algorithms(recipe: Recipe, formats: list[str] | None = None) -> Algorit
     smoothers = [n for n in specs if "smooth" in hooks_of(classes[n])]
     plan = AlgorithmPlan(PluginSet(plugins), smoothers, weight_algorithm, act_algorithm,
                          PluginSet(load_exporters(formats or [])), grid_algorithm, cache)
+    _refuse_roleless(recipe, plan)
     check_schemes(recipe, plan)
     return plan
+
+
+def _refuse_roleless(recipe: Recipe, plan: AlgorithmPlan) -> None:
+    """Every algorithm the recipe names must get a role: one that gets none would never be called, and minmax
+    would quantize in its place (a quantize_weight left without @hookimpl, an observe-only plugin)."""
+    roles = {plan.weight_algorithm, plan.act_algorithm, plan.grid_algorithm, plan.cache_algorithm, *plan.smoothers,
+             *(o.algorithm for o in recipe.overrides), *(o.grid for o in recipe.overrides)}
+    for i, spec in enumerate(recipe.algorithms):
+        name = spec["name"]
+        if name not in roles:
+            hooks = ", ".join(hooks_of(type(plan.plugins.get(name)))) or "none"
+            raise RecipeError(
+                f"algorithms[{i}]: {name!r} gets no role in this plan (hooks: {hooks}): it is not the weight "
+                f"algorithm ({plan.weight_algorithm}), the activation algorithm ({plan.act_algorithm}), a smoother, "
+                "the grid provider nor the cache algorithm; a plugin takes a role through one of the hooks "
+                f"{', '.join(ROLE_HOOKS)}, marked @hookimpl")
 
 
 def _plan_cache(recipe: Recipe, classes: dict[str, type], named: list[str]) -> CachePlan | None:

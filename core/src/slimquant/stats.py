@@ -23,6 +23,8 @@ import torch
 
 
 class Reduce(StrEnum):
+    """How one attribute of a Statistic combines across processes (see the module docstring)."""
+
     SUM = "sum"
     MIN = "min"
     MAX = "max"
@@ -47,7 +49,29 @@ def _combine(op: Reduce, a, b):
 
 
 class Statistic:
-    """Base class: declare `reductions`; override `merge` only for `Reduce.MERGE` attributes."""
+    """Base class of what a plugin accumulates in ``ctx.state``: declare ``reductions``; override ``merge`` only for
+    ``Reduce.MERGE`` attributes.
+
+    The base class has no constructor: a subclass writes its own ``__init__`` (the runtime never constructs one)
+    and sets there every attribute that ``reductions`` names, typically to None or 0 until the first batch:
+
+        class MeanAbs(Statistic):
+            reductions = {"total": Reduce.SUM, "tokens": Reduce.SUM}
+
+            def __init__(self):
+                self.total: torch.Tensor | None = None  # per input channel sum of |x|
+                self.tokens = 0
+
+    - ``reductions``: class attribute, attribute name -> ``Reduce``; each named attribute holds a tensor or a
+      Python number. Attributes it does not name are left as each process has them.
+    - ``merge(other)``: combine another copy of the same class into this one (a ``TypeError`` for another class);
+      by default each attribute of ``reductions`` as its ``Reduce`` says, None counting as empty.
+
+    On several processes the runtime combines each Statistic in a layer's state after every observation pass, in
+    place with collective operations: only ``SUM``, ``MIN`` and ``MAX`` are supported there yet (``CONCAT`` and
+    ``MERGE`` are refused with a ``RecipeError``), and an attribute still None on a process is refused. A tensor in a
+    distributed plugin's state outside a Statistic is refused too (``PluginError`` naming the plugin and key).
+    """
 
     reductions: ClassVar[dict[str, Reduce]] = {}
 

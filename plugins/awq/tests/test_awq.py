@@ -14,7 +14,8 @@ W4 = {"bits": 4, "symmetric": False, "group_size": 16}
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_chosen_scales_never_increase_the_sub_block_error(arch, monkeypatch):
-    """Spy on every unit's search: the loss of the scales it applies is at most the loss of no scaling."""
+    """Spy on every unit's search: the loss of the scales it applies (the very tensor it returns) is at most the loss
+    of no scaling, and some unit does apply scales."""
     from slimquant_awq import plugin as awq
 
     seen = []
@@ -22,7 +23,7 @@ def test_chosen_scales_never_increase_the_sub_block_error(arch, monkeypatch):
 
     def spy(self, ctx, unit, block, inputs, reference, originals, s):
         loss = original(self, ctx, unit, block, inputs, reference, originals, s)
-        seen.append((unit.source, s is None, loss))
+        seen.append((s, loss))
         return loss
 
     chosen = []
@@ -32,8 +33,9 @@ def test_chosen_scales_never_increase_the_sub_block_error(arch, monkeypatch):
         start = len(seen)
         best = original_best(self, ctx, unit, stats)
         losses = seen[start:]
-        unscaled = next(loss for _, none, loss in losses if none)
-        chosen.append((unit.source, min(loss for _, _, loss in losses), unscaled))
+        unscaled = next(loss for s, loss in losses if s is None)
+        applied = unscaled if best is None else next(loss for s, loss in losses if s is best)
+        chosen.append((unit.source, applied, unscaled))
         return best
 
     monkeypatch.setattr(awq.AWQPlugin, "_loss", spy)
@@ -41,7 +43,8 @@ def test_chosen_scales_never_increase_the_sub_block_error(arch, monkeypatch):
     slimquant.quantize(tiny_model(arch), {"weights": W4, "algorithms": [{"name": "awq", "clip": False}],
                                           "runtime": {"progress": False}}, samples=token_samples(4, 16))
     assert chosen, "no unit was searched"
-    assert all(best <= unscaled for _, best, unscaled in chosen)
+    assert all(applied <= unscaled for _, applied, unscaled in chosen), chosen
+    assert any(applied < unscaled for _, applied, unscaled in chosen), "no unit chose scales"
 
 
 def test_scaling_alone_keeps_the_float_function():

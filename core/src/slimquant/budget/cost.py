@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from slimquant.config.scheme import Strategy, WeightArgs
+from slimquant.quant.qweight import num_groups
 
 
 def storage_bits(args: WeightArgs, out_features: int, in_features: int) -> int:
@@ -11,7 +12,7 @@ def storage_bits(args: WeightArgs, out_features: int, in_features: int) -> int:
     if args.strategy == Strategy.TENSOR:
         scales = 1
     elif args.strategy == Strategy.GROUP:
-        scales = out_features * -(-in_features // args.group_size)
+        scales = out_features * num_groups(in_features, args.group_size)
     else:
         scales = out_features
     scale_bits = 16 if args.scale_dtype == "float16" else 32

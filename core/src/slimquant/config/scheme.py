@@ -9,6 +9,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 
 class Strategy(StrEnum):
+    """What one scale spans: the whole tensor, an output channel (or input channel, for activations), a group of
+    input channels (weights), or a token (dynamic activations)."""
+
     TENSOR = "tensor"
     CHANNEL = "channel"
     GROUP = "group"

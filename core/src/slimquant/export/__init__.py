@@ -7,17 +7,34 @@ entry-point group `slimquant.exporters` (the msModelSlim layout's `safe_tensor` 
 
 from __future__ import annotations
 
+import logging
 import os
+import re
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
 from torch import nn
 
-from slimquant.errors import OutputError
-from slimquant.export.atomic import OutputReservation, atomic_output_dir, check_output_dir, remove_stale_siblings
+from slimquant.errors import OutputError, PluginError
+from slimquant.export.atomic import (
+    LOCK_MARK,
+    OLD_MARK,
+    OUTPUT_MARKER,
+    TMP_MARK,
+    OutputReservation,
+    atomic_output_dir,
+    check_output_dir,
+    remove_stale_siblings,
+)
 from slimquant.plugins import EXPORTERS, PluginSet, installed, load_exporters
 
 __all__ = ["OutputReservation", "atomic_output_dir", "check_save_args", "formats_installed", "save_quantized"]
+
+log = logging.getLogger(__name__)
+# what other slimquant runs put beside their outputs meanwhile: temporary, set-aside and lock entries
+_RUN_SIBLING = re.compile(rf"^\..+({re.escape(TMP_MARK)}|{re.escape(OLD_MARK)})\d+-[0-9a-f]+$"
+                          rf"|^\..+{re.escape(LOCK_MARK)}$")
 
 
 def formats_installed() -> list[str]:
@@ -61,11 +78,63 @@ def save_quantized(model: nn.Module, output_dir: str | os.PathLike, save_type: s
     written: set[Path] = set()
     with atomic_output_dir(final, overwrite, reservation) as tmp:
         for fmt in formats:
-            files = exporters.call(fmt, "export", model=model, output_dir=tmp, options=options)
+            beside = _entries(tmp.parent)
+            try:
+                files = exporters.call(fmt, "export", model=model, output_dir=tmp, options=options)
+            finally:
+                strays = _remove_strays(fmt, tmp, beside)
+            if strays:
+                raise PluginError(f"exporter {fmt!r} wrote {', '.join(map(str, strays))} outside its output folder "
+                                  f"{tmp} (removed); an exporter writes only under its output_dir")
             if files is None:
                 raise OutputError(f"the {fmt!r} exporter wrote nothing")
-            written.update(Path(f).relative_to(tmp) for f in files)
+            written.update(_relative(fmt, tmp, files))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
             written.update(p.relative_to(tmp) for p in tmp.iterdir() if p.is_file())
     return sorted(final / p for p in written)
+
+
+def _entries(folder: Path) -> dict[str, tuple[int, int] | None]:
+    """Each entry of `folder`: for a file its modification time and size, None for anything else."""
+    entries = {}
+    for path in folder.iterdir():
+        try:
+            stat = path.lstat()
+        except FileNotFoundError:  # removed meanwhile
+            continue
+        entries[path.name] = (stat.st_mtime_ns, stat.st_size) if path.is_file() else None
+    return entries
+
+
+def _remove_strays(fmt: str, tmp: Path, before: dict[str, tuple[int, int] | None]) -> list[Path]:
+    """The entries an exporter created beside its temporary output folder, removed; another slimquant run's entries
+    are not its doing. A file that was there and changed is only warned about: a log written meanwhile by another
+    process (`... | tee out.log` beside the output) changes too."""
+    strays = []
+    for name, state in _entries(tmp.parent).items():
+        path = tmp.parent / name
+        if name == tmp.name or _RUN_SIBLING.match(name) or (path / OUTPUT_MARKER).is_file():
+            continue
+        if name not in before:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+            strays.append(path)
+        elif state is not None and state != before[name]:
+            log.warning("%s changed while exporter %r wrote %s: an exporter writes only under its output_dir", path,
+                        fmt, tmp)
+    return strays
+
+
+def _relative(fmt: str, tmp: Path, files) -> list[Path]:
+    """The files an exporter says it wrote, relative to its output folder, which must hold them."""
+    relative = []
+    for file in files:
+        try:
+            relative.append(Path(file).relative_to(tmp))
+        except ValueError:
+            raise PluginError(f"exporter {fmt!r} returned {file}, which is not inside its output folder "
+                              f"{tmp}") from None
+    return relative

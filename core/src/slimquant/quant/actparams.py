@@ -9,6 +9,11 @@ import torch
 
 @dataclass
 class ActQParams:
+    """A Linear's input quantization, what ``quantize_act`` returns: ``bits``, ``symmetric``, and either ``dynamic``
+    (scales computed per token at run time, no tensors) or a static ``scale`` ([1] per tensor, [in_features] per
+    channel) with, when asymmetric, an integer-valued ``zero`` of the same shape. Inputs are quantized as
+    ``round(x / scale + zero)`` clamped to ``qrange(bits)``."""
+
     bits: int
     symmetric: bool
     dynamic: bool  # per token at run time: no stored scale

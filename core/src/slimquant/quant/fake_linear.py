@@ -18,7 +18,14 @@ from slimquant.quant.two_level import TwoLevelScale
 
 class FakeQuantLinear(nn.Module):
     """Drop-in for nn.Linear. The weight is rebuilt from its codes on every call, so memory holds int8 codes
-    (inside `materialized_weights` it is rebuilt once instead)."""
+    (inside `materialized_weights` it is rebuilt once instead).
+
+    What an exporter reads: every quantized Linear of the model is one
+    (``{n: m for n, m in model.named_modules() if isinstance(m, FakeQuantLinear)}``); ``qweight`` is its
+    ``QuantizedWeight`` (codes, scales, zeros, groups, codebook, ...), ``act_qparams`` its input's ``ActQParams``
+    (None when weight-only; ``dynamic`` with no tensors when computed at run time), ``bias`` its float bias or None,
+    ``in_features`` / ``out_features`` its shape. ``weight`` is the dequantized float weight, as the model computes
+    with it."""
 
     def __init__(self, qweight: QuantizedWeight, bias: torch.Tensor | None, act: ActQParams | None,
                  compute_dtype: torch.dtype = torch.float32):
@@ -57,6 +64,8 @@ class FakeQuantLinear(nn.Module):
 
     @property
     def qweight(self) -> QuantizedWeight:
+        """The QuantizedWeight this Linear holds, rebuilt from its buffers (and validated) on every access: read it
+        once per Linear. Its tensors are the buffers themselves, on the model's device: copy before changing them."""
         extras = {n[len("extra_"):]: b for n, b in self.named_buffers(recurse=False) if n.startswith("extra_")}
         stored = None
         if self.scale_block_size is not None:

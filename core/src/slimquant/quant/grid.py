@@ -32,7 +32,37 @@ from slimquant.quant.qweight import QuantizedScale, QuantizedWeight, num_groups,
 
 
 class WeightGrid:
-    """The uniform integer grid: b-bit codes, min-max scale and (asymmetric) integer zero point per group."""
+    """The uniform integer grid: b-bit codes, min-max scale and (asymmetric) integer zero point per group; the base
+    class of every grid a plugin's ``weight_grid`` hook returns (subclass it and override what differs).
+
+    Conventions, shared with ``QuantizedWeight``: codes are signed, in ``qrange(bits)`` = [-2^(bits-1),
+    2^(bits-1) - 1], whether the grid is symmetric or not; a code stands for ``(code - zero) * scale`` (no zero when
+    symmetric), or ``codebook[code + 2^(bits-1)] * scale`` when ``codebook`` is set. Scales and zeros are
+    ``[rows, groups]`` (groups of ``effective_group_size(group_size, in_features)`` input channels, see
+    ``num_groups``); the uniform grid's zero point is an integer-valued float inside the code range.
+
+    Attributes: ``bits``, ``symmetric`` (no zero point), ``signed`` (symmetric scales keep the sign of the range's
+    larger endpoint: ``weight_range_to_qparams``), ``codebook`` (None here; a float32 [2^bits] tensor on a codebook
+    grid).
+
+    What the weight algorithms call, and when (``round_to_nearest`` and ``search_clip_ratio`` of the math API,
+    minmax, gptq, awq):
+
+    - ``group_size(args)``: per Linear, the input channels per scale for its ``WeightArgs``; the algorithms
+      use it instead of ``args.group_size``;
+    - ``qparams(w, group_size, g_idx, clip_ratio)``: the scales (and zeros) of a 2-D float32 weight, per row and
+      group; for the whole weight (round to nearest, once per candidate of a clip search) or, in GPTQ's sweep, once
+      per group for that group's columns as the sweep has updated them (``group_size`` None: one scale per row);
+    - ``quantize_scales(scale)``: once all of a weight's ``[rows, groups]`` scales are known, how they are stored
+      (an object with ``dequantize()``, e.g. a ``QuantizedScale``), or None for float32. Round to nearest then
+      rounds against what the stored scales dequantize to; GPTQ's sweep, which chooses scales group by group,
+      stores them after the sweep and keeps its codes;
+    - ``quantize(w, scale, zero)`` / ``dequantize(codes, scale, zero)``: codes (float, integer-valued) of weights
+      for per-weight scales and zeros broadcast to them, and back; GPTQ calls both once per column;
+    - ``quantized_weight(codes, scale, zero, group_size, g_idx, scale_quant)``: the ``QuantizedWeight`` of the
+      result, carrying the grid's ``codebook`` (the runtime refuses a result whose codebook is not the grid's);
+    - ``round_to_nearest(w, group_size, clip_ratio)``: all of the above for a data-free algorithm.
+    """
 
     codebook: torch.Tensor | None = None
 
@@ -59,11 +89,13 @@ class WeightGrid:
         return quantize(w, scale, zero, self.bits)
 
     def dequantize(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
+        """What codes stand for, for per-weight `scale` and `zero`: (codes - zero) * scale."""
         return dequantize(codes, scale, zero)
 
     def quantized_weight(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
                          group_size: int | None, g_idx: torch.Tensor | None = None,
                          scale_quant: QuantizedScale | None = None) -> QuantizedWeight:
+        """The QuantizedWeight of codes chosen on this grid, with its codebook (and name) when it has one."""
         return QuantizedWeight(codes=codes.to(torch.int8), scale=scale.float(),
                                zero=None if zero is None else zero.float(), bits=self.bits, group_size=group_size,
                                g_idx=g_idx, codebook=None if self.codebook is None else self.codebook.clone(),
@@ -86,7 +118,12 @@ class CodebookGrid(WeightGrid):
     """A non-uniform grid of 2^bits values in [-1, 1] (sorted, max |value| 1): code c stands for
     values[c + 2^(bits-1)] * scale, the scale of a group is its absolute maximum, and a weight rounds to the nearest
     value (a weight exactly half-way between two rounds to the smaller one). `midpoints` and `cells` (the lookup
-    table, when the midpoints allow one) are what a compiled kernel needs to give the same codes."""
+    table, when the midpoints allow one) are what a compiled kernel needs to give the same codes.
+
+    ``CodebookGrid(values, name)``: ``codebook`` holds the values, ``name`` is written to the output's description
+    as the codebook's name (``"nf4"``). It is symmetric (``qparams`` returns no zero point) and overrides
+    ``qparams``, ``quantize`` and ``dequantize``; ``group_size`` and ``quantize_scales`` are WeightGrid's, for a
+    subclass to override (NF4's default block of 64, its double-quantized scales)."""
 
     def __init__(self, values: torch.Tensor, name: str = "codebook"):
         values = torch.as_tensor(values, dtype=torch.float32)

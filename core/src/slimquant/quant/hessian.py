@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import weakref
 
 import torch
 
@@ -90,12 +91,12 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp_percent: float, name: str
 def accumulate_shared(state: dict, name: str, in_features: int, inputs: torch.Tensor) -> None:
     """Add `inputs` to the Hessian of Linear `name` in a plugin's layer state. Linears that read the very same
     tensor (q/k/v, gate/up) share one accumulator, fed once."""
-    last = state.get("last input")
-    if last is not None and last[0] is inputs:
+    last = state.get("last input")  # (a weak reference to the last input, its accumulator)
+    if last is not None and last[0]() is inputs:
         state.setdefault(name, last[1])
         if state[name] is last[1]:
             return
     if name not in state:
         state[name] = HessianAccumulator(in_features, device=inputs.device)
     state[name].add(inputs)
-    state["last input"] = (inputs, state[name])
+    state["last input"] = (weakref.ref(inputs), state[name])

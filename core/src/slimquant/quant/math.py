@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from slimquant.quant.qweight import QuantizedWeight, contiguous_g_idx, num_groups, qrange
+from slimquant.quant.qweight import QuantizedWeight, contiguous_g_idx, effective_group_size, num_groups, qrange
 
 EPS = 1e-10
 
@@ -87,7 +87,7 @@ def contiguous_group_minmax(w: torch.Tensor, group_size: int | None) -> tuple[to
     """Per (row, group) min and max for groups of `group_size` consecutive columns (the last may be shorter): a view,
     not a scatter. A shorter last group is padded with copies of its first column, which change no min or max."""
     rows, cols = w.shape
-    size = group_size or cols
+    size = effective_group_size(group_size, cols)
     groups = num_groups(cols, group_size)
     if groups * size != cols:
         first = (groups - 1) * size
@@ -97,6 +97,7 @@ def contiguous_group_minmax(w: torch.Tensor, group_size: int | None) -> tuple[to
 
 
 def expand_groups(t: torch.Tensor | None, g_idx: torch.Tensor) -> torch.Tensor | None:
+    """Per-group [rows, groups] values repeated onto every input channel ([rows, in]) by its group; None stays None."""
     return None if t is None else t[:, g_idx.long()]
 
 
@@ -124,7 +125,7 @@ def per_group(fn, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | Non
     """fn(w, scale, zero) with the [rows, groups] scale and zero applied to every weight of their group: broadcast
     over a view when the groups are equal and contiguous (no gather), else expanded by the group index."""
     rows, cols = w.shape
-    size = group_size or cols
+    size = effective_group_size(group_size, cols)
     if g_idx is None and cols % size == 0:
         out = fn(w.reshape(rows, cols // size, size), scale.unsqueeze(-1), None if zero is None else zero.unsqueeze(-1))
         return out.reshape(rows, cols)
@@ -140,6 +141,8 @@ def quantize_weight_with(
     group_size: int | None,
     g_idx: torch.Tensor | None = None,
 ) -> QuantizedWeight:
+    """The uniform grid's QuantizedWeight of a 2-D weight for given [rows, groups] scales and zeros: every weight
+    rounded to round(w / scale + zero), clamped to the signed b-bit range."""
     codes = per_group(lambda x, s, z: quantize(x, s, z, bits), w.float(), scale, zero, group_size, g_idx)
     return QuantizedWeight(
         codes=codes.to(torch.int8), scale=scale.float(), zero=None if zero is None else zero.float(),
@@ -168,7 +171,7 @@ def search_clip_ratio(
         return _search_clip_ratio_on(weight_grid, w, group_size, grid, min_ratio, norm)
     rows, cols = w.shape
     groups = num_groups(cols, group_size)
-    size = group_size or cols
+    size = effective_group_size(group_size, cols)
     if groups * size != cols:  # a shorter last group: pad it with copies of its first column (same min/max)
         pad = groups * size - cols
         w = torch.cat([w, w[:, (groups - 1) * size:(groups - 1) * size + 1].expand(rows, pad)], dim=1)

@@ -17,6 +17,9 @@ VALUE_DTYPES = (torch.float16, torch.bfloat16)
 
 @dataclass
 class WeightOutliers:
+    """A sparse residual added to a dequantized weight (see the module docstring): flat positions ``index`` and
+    their 16-bit ``values``."""
+
     index: torch.Tensor  # int32/int64 [k]: row * in_features + column
     values: torch.Tensor  # float16/bfloat16 [k]
 

@@ -24,17 +24,24 @@ if TYPE_CHECKING:
 
 
 def qrange(bits: int) -> tuple[int, int]:
+    """The lowest and highest signed b-bit code: (-2^(bits-1), 2^(bits-1) - 1)."""
     return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
 
 
+def effective_group_size(group_size: int | None, in_features: int) -> int:
+    """The input channels per group of a Linear with `in_features` inputs: `group_size`, or all of them (one group
+    per output channel) when it is None or 0. A group_size wider than the Linear makes one group: see num_groups."""
+    return group_size or in_features
+
+
 def contiguous_g_idx(in_features: int, group_size: int | None, device=None) -> torch.Tensor:
-    size = group_size or in_features
-    return torch.arange(in_features, device=device, dtype=torch.int32) // size
+    """The group of each input channel for contiguous groups: `arange(in_features) // group size` (int32)."""
+    return torch.arange(in_features, device=device, dtype=torch.int32) // effective_group_size(group_size, in_features)
 
 
 def num_groups(in_features: int, group_size: int | None) -> int:
-    size = group_size or in_features
-    return -(-in_features // size)
+    """How many groups (scales per output row) `in_features` inputs make; the last group may be shorter."""
+    return -(-in_features // effective_group_size(group_size, in_features))
 
 
 def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group_size: int | None,
@@ -107,6 +114,29 @@ class QuantizedScale:
 
 @dataclass
 class QuantizedWeight:
+    """One Linear's quantized weight: what ``quantize_weight`` returns, what ``ctx.qweights[name]`` and
+    ``FakeQuantLinear.qweight`` hold, and what an exporter reads. The module docstring gives the rules; the fields:
+
+    - ``codes``: int8 ``[out, in]``, signed b-bit codes in ``qrange(bits)``;
+    - ``scale``: float ``[out, groups]``, ``groups = num_groups(in, group_size)``; ``zero``: the same shape, or None
+      when symmetric (``symmetric`` is ``zero is None``); a code stands for ``(code - zero) * scale``;
+    - ``bits``; ``group_size``: input channels per group, None for one group per output channel
+      (``effective_group_size`` gives the width either way);
+    - ``g_idx``: int32 ``[in]``, each input channel's group, None for contiguous groups (``group_index()`` gives it
+      either way; ``permuted_groups`` says whether it is other than contiguous);
+    - ``codebook`` / ``codebook_name``: a codebook grid's 2^bits values (code c stands for
+      ``codebook[c + 2^(bits-1)] * scale``, no zero) and its name;
+    - ``scale_quant``: how ``scale`` is stored when quantized (``QuantizedScale``); ``two_level``: per-channel and
+      per-group scales whose product is ``scale`` (``TwoLevelScale``);
+    - ``sparsity``: ``"unstructured"`` or ``"N:M"`` when pruned; ``outliers``: a sparse 16-bit residual
+      (``WeightOutliers``);
+    - ``extras``: algorithm-specific tensors an exporter may save, by name.
+
+    ``dequantize(dtype)`` gives the float weight (outliers included), ``dequantize_codes(dtype)`` the codes' part;
+    ``shape`` is the codes' shape; ``to(device)`` moves every tensor. ``validate()`` checks the rules (run when it
+    is built, and again by the runtime on what a plugin returns).
+    """
+
     codes: torch.Tensor  # int8 [out, in]
     scale: torch.Tensor  # float32 [out, groups]
     zero: torch.Tensor | None  # float32 [out, groups] (integer-valued) or None when symmetric
@@ -122,6 +152,11 @@ class QuantizedWeight:
     codebook_name: str | None = None  # what the codebook's grid calls it ("nf4", "fp4"), written to the description
 
     def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first field that breaks the rules above. Run when it is built, and again by
+        the runtime on what a plugin returns (whose fields may have been changed since)."""
         out_features, in_features = self.codes.shape
         groups = num_groups(in_features, self.group_size)
         if self.scale.shape != (out_features, groups):
@@ -177,6 +212,7 @@ class QuantizedWeight:
         return not torch.equal(self.g_idx.cpu().to(torch.int32), contiguous_g_idx(self.shape[1], self.group_size))
 
     def group_index(self) -> torch.Tensor:
+        """Each input channel's group (int64 [in]): g_idx, or the contiguous groups' when g_idx is None."""
         if self.g_idx is not None:
             return self.g_idx.long()
         return contiguous_g_idx(self.codes.shape[1], self.group_size, self.codes.device).long()

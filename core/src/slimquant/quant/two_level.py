@@ -21,6 +21,9 @@ from slimquant.quant.qweight import QuantizedWeight
 
 @dataclass
 class TwoLevelScale:
+    """A weight's scales stored in two levels (see the module docstring): ``group_scale`` [out, groups] times
+    ``channel_scale`` [out, 1] is the scale; ``channel_bits`` is the width of the channel level's integers."""
+
     group_scale: torch.Tensor  # float32 [out, groups]: msModelSlim's weight_scale_second
     channel_scale: torch.Tensor  # float32 [out, 1]: msModelSlim's weight_scale
     channel_bits: int

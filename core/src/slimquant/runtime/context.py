@@ -41,6 +41,50 @@ def with_hidden(inp: LayerInput, hidden: torch.Tensor) -> LayerInput:
 
 @dataclass
 class LayerContext:
+    """``ctx``: the decoder layer being quantized, as the hooks ``observe``, ``smooth``, ``quantize_weight``,
+    ``quantize_act``, ``observe_cache`` and ``quantize_cache`` see it. The runtime builds one per layer; a plugin
+    reads it, keeps its statistics in ``state``, and never registers torch hooks itself.
+
+    Attributes (set by the runtime, read-only for plugins):
+
+    - ``index``: the layer's position among the decoder layers; ``prefix``: its module name (``"model.layers.3"``);
+    - ``layer``: the decoder layer module (a smoother rewrites its norms and Linears in place); ``device``: where it
+      runs;
+    - ``linears``: its quantizable Linears by full model name; ``plans``: each one's ``LinearPlan`` (None: stays in
+      float); ``inputs``: the layer's calibration inputs, a list of ``(args, kwargs)`` batches (empty on the
+      data-free path);
+    - ``phase``: ``"smooth"`` during a smoother's observation pass and ``smooth``, ``"quantize"`` during the quantize
+      pass and ``quantize_weight`` / ``quantize_act``;
+    - ``qweights``: the ``QuantizedWeight`` of each Linear quantized so far (``quantize_act`` reads its own);
+    - ``grid_of``, ``precision``, ``row_blocks``: the runtime's callbacks behind ``grid``, the calibration
+      precision of ``block_inputs`` / ``linear_inputs`` / ``run_block``, and ``row_block``.
+
+    Methods and properties:
+
+    - ``state(plugin)``: the plugin's private dict for this layer (pass ``self.name``), kept across the layer's
+      passes and freed when it is done; statistics there are ``Statistic`` objects. ``clear_state()`` is the
+      runtime's;
+    - ``plan(name)``: a Linear's ``LinearPlan`` or None; ``module(name)``: a sub-module by full model name;
+      ``quantized_names()``: the Linears with a plan; ``siblings(name)``: the same Linear in the other experts of an
+      MoE block;
+    - ``grid(name)``: the ``WeightGrid`` a Linear's codes are rounded onto (its plan's ``grid_algorithm``, or the
+      two-level grid of ``weights.channel_bits``), built once per distinct ``WeightArgs``; None for the uniform
+      integer grid;
+    - ``row_block(name)``: the slice of output rows a ``row_parallel`` plugin's ``quantize_weight`` quantizes;
+    - ``run_layer(inputs=None)``: the layer's hidden-state outputs on ``inputs`` (default: all calibration inputs);
+    - ``leading_inputs(samples)``: the inputs holding the first ``samples`` samples; ``batches_covering(samples)``:
+      how many leading batches hold them;
+    - ``block_inputs(block, samples=None)`` / ``run_block(block, inputs)``: the ``(args, kwargs)`` a sub-block
+      (``"self_attn"``, ``"mlp"``, or a full name) receives, and its outputs on them, for searches that compare
+      a sub-block's output before and after a change (AWQ);
+    - ``linear_inputs(names, samples=None, max_tokens=None)``: the input rows ``[tokens, in_features]`` of each
+      Linear from one run of the layer;
+    - ``subgraphs``: a smoother's units, each a ``source`` norm or Linear, its ``kind`` (``"norm"``, ``"attention"``
+      for v -> o, ``"gated"`` for up -> down), the ``targets`` Linears it feeds and ``extra`` float modules reading
+      the same output (MoE routers); ``trace``: the traced layer they come from (``groups``: its Linears in call
+      order, one input tensor per group).
+    """
+
     index: int
     prefix: str  # "model.layers.3"
     layer: nn.Module

@@ -7,8 +7,11 @@ Linear straight from its weight: no sample is read or run.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -22,7 +25,7 @@ from slimquant.config.scheme import Strategy
 from slimquant.errors import CalibrationError, CheckpointError, PluginError, RecipeError
 from slimquant.model.checks import check_finite, check_samples
 from slimquant.model.structure import layer_linears, set_submodule
-from slimquant.plugins import AlgorithmPlan, linear_cost, plan_algorithms, row_parallel, runs_distributed
+from slimquant.plugins import AlgorithmPlan, PluginSet, linear_cost, plan_algorithms, row_parallel, runs_distributed
 from slimquant.quant.actparams import ActQParams
 from slimquant.quant.fake_linear import FakeQuantLinear, materialized_weights
 from slimquant.quant.grid import WeightGrid
@@ -102,6 +105,10 @@ def _checked_qweight(result, plugin: str, name: str, module: nn.Module) -> Quant
     if not isinstance(result, QuantizedWeight):
         raise PluginError(f"{name}: plugin {plugin!r} returned {type(result).__name__} from quantize_weight, "
                           "not a QuantizedWeight")
+    try:  # again: its fields may have been changed since it was built
+        result.validate()
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise PluginError(f"{name}: plugin {plugin!r} returned an invalid QuantizedWeight: {exc}") from exc
     if tuple(result.shape) != tuple(module.weight.shape):
         raise PluginError(f"{name}: plugin {plugin!r} returned codes of shape {list(result.shape)} for a weight of "
                           f"shape {list(module.weight.shape)}")
@@ -116,6 +123,56 @@ def _same_codebook(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
     if a is None or b is None:
         return a is None and b is None
     return a.shape == b.shape and torch.equal(a.float().cpu(), b.float().cpu())
+
+
+_CHECK_STATISTICS = contextvars.ContextVar("slimquant_check_statistics", default=False)
+
+
+@contextlib.contextmanager
+def statistics_checked() -> Iterator[None]:
+    """Within the block a run in one process refuses what a run on several would leave uncombined
+    (`check_reducible_state`); slimquant.testing.check_plugin runs under it."""
+    token = _CHECK_STATISTICS.set(True)
+    try:
+        yield
+    finally:
+        _CHECK_STATISTICS.reset(token)
+
+
+def _uncombined(value, path: str):
+    """(path, what) for each tensor in a plugin's layer state outside a Statistic: in a dict, list or tuple, or in
+    the attributes of an object that is not a Statistic. A QuantizedWeight (a result, kept for a sibling) is not a
+    statistic."""
+    if isinstance(value, Statistic | QuantizedWeight):
+        return
+    if torch.is_tensor(value):
+        yield path, "a tensor"
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _uncombined(item, f"{path}[{key!r}]")
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            yield from _uncombined(item, f"{path}[{i}]")
+    elif any(torch.is_tensor(v) for v in getattr(value, "__dict__", {}).values()):
+        yield path, f"a {type(value).__name__} (not a Statistic)"
+
+
+def _state_owner(key: str, plugins: PluginSet) -> str | None:
+    """The plugin a ctx.state key belongs to: its name, or its name and a suffix (``"piecewise.sample"``)."""
+    return next((n for n in plugins.plugins if key == n or key.startswith(f"{n}.")), None)
+
+
+def check_reducible_state(states: dict[str, dict], plugins: PluginSet) -> None:
+    """Refuse a tensor that a plugin declaring `distributed` keeps in its layer state outside a Statistic: a run on
+    several processes combines only Statistics, and would leave it as each process saw its share of the data."""
+    for key, state in states.items():
+        owner = _state_owner(key, plugins)
+        if owner is None or not runs_distributed(plugins.get(owner)):
+            continue
+        for path, what in _uncombined(state, ""):
+            raise PluginError(f"plugin {owner!r} declares distributed = True but keeps {what} at "
+                              f"ctx.state({key!r}){path}: only slimquant.stats.Statistic objects are combined across "
+                              "processes; keep it in a Statistic subclass that declares its reductions")
 
 
 def _statistics(value):
@@ -189,6 +246,8 @@ class LayerwiseQuantizer:
 
     def _reduce_statistics(self, ctx: LayerContext) -> None:
         """Every process's statistics of this layer combined, as each Statistic class declares (once each)."""
+        if self.ranks.several or _CHECK_STATISTICS.get():
+            check_reducible_state(ctx._state, self.plugins)
         if not self.ranks.several:
             return
         for plugin, state in ctx._state.items():
@@ -285,13 +344,8 @@ class LayerwiseQuantizer:
 
     def _quantized_weight(self, ctx: LayerContext, name: str, plan: LinearPlan, module: nn.Module) -> QuantizedWeight:
         algorithm = plan.weight_algorithm
-        try:
-            result = self.plugins.call(algorithm, "quantize_weight", ctx=ctx, name=name, module=module,
-                                       args=plan.scheme.weights)
-        except ValueError as exc:  # QuantizedWeight's own validation, raised inside the plugin
-            if isinstance(exc, RecipeError):
-                raise
-            raise PluginError(f"{name}: plugin {algorithm!r} built an invalid QuantizedWeight: {exc}") from exc
+        result = self.plugins.call(algorithm, "quantize_weight", ctx=ctx, name=name, module=module,
+                                   args=plan.scheme.weights)  # an exception inside: a PluginError naming the Linear
         if result is None:
             raise PluginError(f"{name}: plugin {algorithm!r} has no quantize_weight hook")
         rows = module.out_features

@@ -13,6 +13,27 @@ from slimquant.errors import RecipeError
 
 @dataclass(frozen=True)
 class LinearPlan:
+    """How one Linear is quantized, decided before any model is loaded: what a plugin's ``check`` is given as
+    ``plan`` and what ``ctx.plan(name)`` returns (None for a Linear left in float). Frozen.
+
+    Fields:
+
+    - ``scheme``: the ``Scheme`` after the recipe's overrides: ``scheme.weights`` (``WeightArgs``: ``bits``,
+      ``symmetric``, ``strategy``, ``group_size``, ...) is the ``args`` of ``quantize_weight`` and ``weight_grid``;
+      ``scheme.activations`` (``ActArgs``, None when weight-only) the ``args`` of ``quantize_act``.
+    - ``weight_algorithm``: the plugin whose ``quantize_weight`` quantizes this Linear (an override's ``algorithm``,
+      else the recipe's).
+    - ``act_algorithm``: the plugin whose ``quantize_act`` gives its input's ``ActQParams`` (``minmax`` unless the
+      recipe names another); used only when ``scheme.activations`` is set.
+    - ``grid_algorithm``: the plugin whose ``weight_grid`` the codes are rounded onto (``ctx.grid(name)``); None for
+      the uniform integer grid. It may equal ``weight_algorithm`` (a grid provider named alone quantizes too).
+    - ``permuted_groups``: the weight algorithm declares ``permutes_groups`` and the scheme quantizes per group, so
+      the result's ``g_idx`` may order the groups other than contiguously; a format holding contiguous groups only
+      refuses it in ``check``.
+    - ``groups_from_sweep``: the weight algorithm declares ``groups_from_sweep`` (group scales chosen from each
+      group's columns part way through a sweep); a grid whose groups share numbers across a row refuses it.
+    """
+
     scheme: Scheme
     weight_algorithm: str
     act_algorithm: str

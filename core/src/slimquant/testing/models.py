@@ -53,5 +53,6 @@ def tiny_model(arch: str, seed: int = 0) -> torch.nn.Module:
 
 
 def token_samples(count: int = 4, seqlen: int = 32, seed: int = 0) -> list[torch.Tensor]:
+    """`count` random calibration samples of `seqlen` token ids ([1, seqlen] each) for the tiny models, seeded."""
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, VOCAB, (1, seqlen), generator=g) for _ in range(count)]

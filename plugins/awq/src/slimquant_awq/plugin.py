@@ -23,11 +23,16 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from slimquant import smoothing
-from slimquant.hookspecs import hookimpl
-from slimquant.quant.math import fake_quantize_weight
-from slimquant.runtime.plan import name_matches
-from slimquant.stats import Reduce, Statistic
+from slimquant.sdk import (
+    Reduce,
+    Statistic,
+    effective_group_size,
+    fake_quantize_weight,
+    hookimpl,
+    name_matches,
+    num_groups,
+    smoothing,
+)
 
 log = logging.getLogger(__name__)
 
@@ -144,8 +149,8 @@ class AWQPlugin:
         for name, target in unit.targets.items():
             w = target.weight.detach().float().abs()
             args = ctx.plan(name).scheme.weights if ctx.plan(name) else None
-            group = (_group_size(args, ctx.grid(name)) if args is not None else None) or w.shape[1]
-            groups = -(-w.shape[1] // group)
+            group = effective_group_size(_group_size(args, ctx.grid(name)) if args is not None else None, w.shape[1])
+            groups = num_groups(w.shape[1], group)
             pad = groups * group - w.shape[1]
             padded = torch.nn.functional.pad(w, (0, pad)).view(w.shape[0], groups, group)
             normalized = padded / padded.amax(-1, keepdim=True).clamp_min(1e-8)
@@ -179,8 +184,8 @@ class AWQPlugin:
         x = x.float()
         w = linear.weight.detach().float()
         cols = w.shape[1]
-        group = _group_size(args, grid) or cols
-        groups = -(-cols // group)
+        group = effective_group_size(_group_size(args, grid), cols)
+        groups = num_groups(cols, group)
         pad = groups * group - cols  # a shorter last group: zero columns, which add nothing to any output
 
         def grouped(t: torch.Tensor) -> torch.Tensor:

@@ -8,12 +8,18 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-from slimquant.errors import OutputError
-from slimquant.export.hf_folder import check_structure, float_tensors, model_dtype, reference_model, write_folder
-from slimquant.export.problems import summarize
-from slimquant.hookspecs import hookimpl
-from slimquant.quant.fake_linear import FakeQuantLinear
-from slimquant.runtime import kv_attention
+from slimquant.sdk import (
+    FakeQuantLinear,
+    OutputError,
+    check_structure,
+    float_tensors,
+    hookimpl,
+    kv_attention,
+    model_dtype,
+    reference_model,
+    summarize,
+    write_folder,
+)
 from slimquant_compressed_tensors.quant_config import quantization_config
 from slimquant_compressed_tensors.schemes import spec_from_module, spec_from_plan, spec_problems, weight_problems
 from slimquant_compressed_tensors.tensors import linear_tensors

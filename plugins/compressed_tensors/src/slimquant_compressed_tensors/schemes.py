@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from slimquant.quant.fake_linear import FakeQuantLinear
+from slimquant.sdk import FakeQuantLinear
 
 PACKED = "pack-quantized"  # weight-only: codes packed into int32
 INT = "int-quantized"  # weights and activations quantized: int8 codes

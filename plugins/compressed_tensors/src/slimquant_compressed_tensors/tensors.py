@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from slimquant.quant.fake_linear import FakeQuantLinear
+from slimquant.sdk import FakeQuantLinear
 from slimquant_compressed_tensors.packing import pack_int32
 from slimquant_compressed_tensors.schemes import PACKED, LinearSpec
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType
 
-from slimquant.quant.qweight import QuantizedWeight
+from slimquant.sdk import QuantizedWeight, effective_group_size
 
 BLOCK = 32
 TYPES = {(4, True): GGMLQuantizationType.Q4_0, (4, False): GGMLQuantizationType.Q4_1,
@@ -30,7 +30,7 @@ def quant_type(bits: int, symmetric: bool) -> GGMLQuantizationType | None:
 def block_params(qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor | None]:
     """d and m (float32, [rows, blocks]) of every block; m is None for the symmetric types."""
     rows, cols = qw.shape
-    group = qw.group_size or cols
+    group = effective_group_size(qw.group_size, cols)
     block_group = torch.arange(cols // BLOCK) * BLOCK // group
     scale = qw.scale.detach().cpu().float()
     d = scale[:, block_group]

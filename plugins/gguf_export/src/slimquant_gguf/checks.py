@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from slimquant.quant.fake_linear import FakeQuantLinear
+from slimquant.sdk import FakeQuantLinear
 from slimquant_gguf.blocks import BLOCK, block_params, quant_type
 from slimquant_gguf.kblocks import k_problem, written_as_k
 from slimquant_gguf.kquant_plugin import KQuantPlugin

@@ -11,12 +11,7 @@ from typing import Literal
 import gguf
 from pydantic import BaseModel, ConfigDict
 
-from slimquant.errors import OutputError
-from slimquant.export.problems import summarize
-from slimquant.hookspecs import hookimpl
-from slimquant.quant.fake_linear import FakeQuantLinear
-from slimquant.quant.qweight import QuantizedWeight
-from slimquant.runtime import kv_attention
+from slimquant.sdk import FakeQuantLinear, OutputError, QuantizedWeight, hookimpl, kv_attention, summarize
 from slimquant_gguf.blocks import TYPES, encode_blocks
 from slimquant_gguf.checks import module_problems, plan_problems
 from slimquant_gguf.kblocks import encode_k_blocks, written_as_k

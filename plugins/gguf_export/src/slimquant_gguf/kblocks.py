@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType
 
-from slimquant.quant.qweight import QuantizedWeight
+from slimquant.sdk import QuantizedWeight
 from slimquant_gguf.blocks import half_bytes
 from slimquant_gguf.kquants import HALF_TINY, SUPER_BLOCK, Q4KGrid, Q6KGrid
 

@@ -16,8 +16,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from slimquant.hookspecs import hookimpl
-from slimquant.quant.math import round_to_nearest
+from slimquant.sdk import hookimpl, round_to_nearest
 from slimquant_gguf.kquants import GRIDS, SUPER_BLOCK
 
 

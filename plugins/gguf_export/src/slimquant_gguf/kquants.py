@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from slimquant.quant.grid import WeightGrid
-from slimquant.quant.math import contiguous_group_minmax
+from slimquant.sdk import WeightGrid, contiguous_group_minmax
 
 SUPER_BLOCK = 256
 HALF_TINY = 2.0 ** -24  # the smallest float16 (subnormal): a super-block's d never rounds to 0

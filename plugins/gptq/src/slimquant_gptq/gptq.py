@@ -20,10 +20,18 @@ from dataclasses import dataclass
 
 import torch
 
-from slimquant.quant.grid import WeightGrid
-from slimquant.quant.hessian import drop_dead_inputs, inverse_hessian_factor
-from slimquant.quant.math import search_clip_ratio, weight_qparams
-from slimquant.quant.qweight import QuantizedWeight, contiguous_g_idx, num_groups, qrange
+from slimquant.sdk import (
+    QuantizedWeight,
+    WeightGrid,
+    contiguous_g_idx,
+    drop_dead_inputs,
+    effective_group_size,
+    inverse_hessian_factor,
+    num_groups,
+    qrange,
+    search_clip_ratio,
+    weight_qparams,
+)
 
 
 @dataclass(frozen=True)
@@ -69,7 +77,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, s: GPTQSettings, 
                   grid: WeightGrid | None = None) -> QuantizedWeight:
     h, w = drop_dead_inputs(hessian.float(), weight.detach().float())
     rows, cols = w.shape
-    size = s.group_size or cols
+    size = effective_group_size(s.group_size, cols)
     dynamic = s.group_size is not None and not s.static_groups
     if dynamic:  # filled in during the sweep, group by group
         scale_t = w.new_empty(num_groups(cols, size), rows)

@@ -14,8 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from slimquant.quant.hessian import HessianAccumulator
-from slimquant.quant.qweight import QuantizedWeight
+from slimquant.sdk import HessianAccumulator, QuantizedWeight
 from slimquant_gptq.gptq import GPTQSettings, gptq_quantize
 
 

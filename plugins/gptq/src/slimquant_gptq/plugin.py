@@ -8,11 +8,16 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from slimquant.config.scheme import Strategy
-from slimquant.hookspecs import hookimpl
-from slimquant.quant.hessian import accumulate_shared
-from slimquant.quant.math import quantize_weight_with, round_to_nearest, search_clip_ratio, signed_scale
-from slimquant.quant.qweight import QuantizedWeight
+from slimquant.sdk import (
+    QuantizedWeight,
+    Strategy,
+    accumulate_shared,
+    hookimpl,
+    quantize_weight_with,
+    round_to_nearest,
+    search_clip_ratio,
+    signed_scale,
+)
 from slimquant_gptq.gptq import GPTQSettings, gptq_quantize, group_qparams
 
 log = logging.getLogger(__name__)

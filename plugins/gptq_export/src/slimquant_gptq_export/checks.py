@@ -6,8 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from slimquant.model.structure import find_decoder_layers
-from slimquant.quant.fake_linear import FakeQuantLinear
+from slimquant.sdk import FakeQuantLinear, find_decoder_layers
 from slimquant_gptq_export.packing import unsigned_zero
 
 BITS = (2, 4, 8)  # 32 // bits codes to a word; 3-bit's word-straddling packing is not written

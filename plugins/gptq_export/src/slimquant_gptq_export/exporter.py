@@ -9,13 +9,19 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict
 
-import slimquant
-from slimquant.errors import OutputError
-from slimquant.export.hf_folder import check_structure, float_tensors, model_dtype, reference_model, write_folder
-from slimquant.export.problems import summarize
-from slimquant.hookspecs import hookimpl
-from slimquant.quant.fake_linear import FakeQuantLinear
-from slimquant.runtime import kv_attention
+from slimquant.sdk import (
+    SLIMQUANT_VERSION,
+    FakeQuantLinear,
+    OutputError,
+    check_structure,
+    float_tensors,
+    hookimpl,
+    kv_attention,
+    model_dtype,
+    reference_model,
+    summarize,
+    write_folder,
+)
 from slimquant_gptq_export.checks import module_problems, plan_problems, structure_problems
 from slimquant_gptq_export.packing import qweight, qzeros, unsigned_zero
 
@@ -45,7 +51,7 @@ def quantization_config(fakes: dict[str, FakeQuantLinear], checkpoint_format: st
         "sym": qw.symmetric,
         "lm_head": False,
         "pack_dtype": "int32",
-        "meta": {"quantizer": [f"slimquant:{slimquant.__version__}"]},
+        "meta": {"quantizer": [f"slimquant:{SLIMQUANT_VERSION}"]},
     }
 
 

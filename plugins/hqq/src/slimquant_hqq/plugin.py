@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from slimquant.hookspecs import hookimpl
+from slimquant.sdk import hookimpl
 from slimquant_hqq.solver import HQQSettings, hqq_quantize
 
 

@@ -20,8 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from slimquant.quant.math import weight_qparams
-from slimquant.quant.qweight import QuantizedWeight, qrange
+from slimquant.sdk import QuantizedWeight, effective_group_size, num_groups, qrange, weight_qparams
 
 MAX_INVERSE_STEP = 2e4  # 1 / s is capped, as a group of identical weights has no range
 
@@ -54,7 +53,7 @@ def _grouped(w: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor | N
     """[rows * groups, size]: one group per row; a shorter last group is padded with a copy of its first column
     (which changes no min or max) and masked out of every sum."""
     rows, cols = w.shape
-    groups = -(-cols // size)
+    groups = num_groups(cols, size)
     pad = groups * size - cols
     if not pad:
         return w.reshape(rows * groups, size), None
@@ -149,8 +148,8 @@ def hqq_quantize(weight: torch.Tensor, s: HQQSettings) -> QuantizedWeight:
     """Quantize a 2-D weight, asymmetric, 1-8 bits, per group (the last group may be shorter) or per channel."""
     w_full = weight.detach().float()
     rows, cols = w_full.shape
-    size = s.group_size or cols
-    groups = -(-cols // size)
+    size = effective_group_size(s.group_size, cols)
+    groups = num_groups(cols, size)
     w, mask = _grouped(w_full, size)
     count = size if mask is None else mask.sum(1)
     lo, hi = qrange(s.bits)

@@ -6,10 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from slimquant.errors import CalibrationError
-from slimquant.hookspecs import hookimpl
-from slimquant.quant.cache_params import CacheQParams
-from slimquant.runtime import kv_attention
+from slimquant.sdk import CacheQParams, CalibrationError, hookimpl, kv_attention
 from slimquant_kvcache.ranges import CacheRange
 
 

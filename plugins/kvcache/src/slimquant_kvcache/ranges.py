@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from slimquant.quant.math import range_to_qparams
-from slimquant.stats import Reduce, Statistic
+from slimquant.sdk import Reduce, Statistic, range_to_qparams
 
 
 class CacheRange(Statistic):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from slimquant.quant.qweight import QuantizedScale
+from slimquant.sdk import QuantizedScale
 
 SCALE_BLOCK = 256
 LEVELS = 127

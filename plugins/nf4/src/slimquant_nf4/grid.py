@@ -3,8 +3,7 @@ optionally double-quantized. The same grid serves `[nf4]` (round to nearest) and
 
 from __future__ import annotations
 
-from slimquant.quant.grid import CodebookGrid
-from slimquant.quant.qweight import QuantizedScale
+from slimquant.sdk import CodebookGrid, QuantizedScale
 from slimquant_nf4.codebooks import CODEBOOKS
 from slimquant_nf4.double_quant import double_quantize
 from slimquant_nf4.nearest import Lookup, absmax_codes, nearest_codes

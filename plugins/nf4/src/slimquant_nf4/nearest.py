@@ -9,9 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from slimquant.quant.grid import CodebookGrid
-from slimquant.quant.math import EPS
-from slimquant.quant.qweight import qrange
+from slimquant.sdk import EPS, CodebookGrid, effective_group_size, num_groups, qrange
 
 try:
     from slimquant_nf4 import _nearest
@@ -84,9 +82,9 @@ def absmax_codes(w: torch.Tensor, group_size: int | None, lookup: Lookup) -> tup
     if not _applies(w, lookup) or w.dim() != 2 or not w.numel():
         return None
     rows, cols = w.shape
-    size = group_size or cols
+    size = effective_group_size(group_size, cols)
     w = w.contiguous()
-    scale = torch.empty(rows, -(-cols // size), dtype=torch.float32)
+    scale = torch.empty(rows, num_groups(cols, size), dtype=torch.float32)
     codes = torch.empty(w.shape, dtype=torch.int8)
     _nearest.absmax_nearest(w.data_ptr(), scale.data_ptr(), codes.data_ptr(), rows, cols, size, float(lookup.low),
                             EPS, _threads(w.numel()), lookup.args())

@@ -15,8 +15,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from slimquant.hookspecs import hookimpl
-from slimquant.quant.math import round_to_nearest
+from slimquant.sdk import hookimpl, round_to_nearest
 from slimquant_nf4.grid import NF4Grid
 
 

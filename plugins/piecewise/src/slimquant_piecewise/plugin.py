@@ -18,9 +18,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from slimquant import smoothing
-from slimquant.hookspecs import hookimpl
-from slimquant.quant.observers import TokenSample
+from slimquant.sdk import TokenSample, hookimpl, smoothing
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from slimquant import smoothing
-from slimquant.hookspecs import hookimpl
+from slimquant.sdk import hookimpl, smoothing
 
 log = logging.getLogger(__name__)
 

@@ -6,8 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from slimquant.export.reader import QuantizedFiles
-from slimquant.loader import read_linear
+from slimquant.sdk import QuantizedFiles, read_linear
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from slimquant.quant.math import expand_groups
-from slimquant.quant.qweight import QuantizedWeight, contiguous_g_idx
+from slimquant.sdk import QuantizedWeight, contiguous_g_idx, expand_groups
 from slimquant_sparse.masks import prune_mask
 from slimquant_sparse.outliers import select_outliers, take_outliers
 from slimquant_sparse.settings import SparseSettings

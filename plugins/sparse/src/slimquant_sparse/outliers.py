@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from slimquant.quant.outliers import WeightOutliers
+from slimquant.sdk import WeightOutliers
 
 VALUE_DTYPE = torch.float16
 

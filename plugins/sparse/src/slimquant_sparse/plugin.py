@@ -12,10 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from slimquant.config.scheme import Strategy
-from slimquant.hookspecs import hookimpl
-from slimquant.quant.hessian import accumulate_shared
-from slimquant.quant.math import signed_scale
+from slimquant.sdk import Strategy, accumulate_shared, hookimpl, signed_scale
 from slimquant_sparse.magnitude import magnitude_prune_quantize
 from slimquant_sparse.settings import SparseSettings
 from slimquant_sparse.sparsegpt import sparsegpt_quantize

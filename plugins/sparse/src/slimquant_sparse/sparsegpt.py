@@ -17,9 +17,14 @@ from __future__ import annotations
 
 import torch
 
-from slimquant.quant.hessian import drop_dead_inputs, inverse_hessian_factor
-from slimquant.quant.math import weight_qparams
-from slimquant.quant.qweight import QuantizedWeight, num_groups
+from slimquant.sdk import (
+    QuantizedWeight,
+    drop_dead_inputs,
+    effective_group_size,
+    inverse_hessian_factor,
+    num_groups,
+    weight_qparams,
+)
 from slimquant_sparse.masks import lowest_fraction, lowest_per_group
 from slimquant_sparse.outliers import select_outliers, take_outliers
 from slimquant_sparse.settings import SparseSettings
@@ -40,7 +45,7 @@ def sparsegpt_quantize(weight: torch.Tensor, hessian: torch.Tensor, s: SparseSet
     held = select_outliers(w, s.fraction, s.sigma_factor, s.n_m)
     outliers = take_outliers(w, held)
     w[held] = 0
-    size = s.group_size or cols
+    size = effective_group_size(s.group_size, cols)
     if s.group_size is not None:  # filled in as the sweep reaches each group
         scale_t = w.new_empty(num_groups(cols, size), rows)
         zero_t = None if s.symmetric else torch.empty_like(scale_t)

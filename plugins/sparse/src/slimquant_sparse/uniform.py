@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from slimquant.quant.math import weight_qparams
-from slimquant.quant.outliers import WeightOutliers
-from slimquant.quant.qweight import QuantizedWeight, qrange
+from slimquant.sdk import QuantizedWeight, WeightOutliers, qrange, weight_qparams
 from slimquant_sparse.settings import SparseSettings
 
 
