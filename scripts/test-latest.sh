@@ -16,7 +16,8 @@ python3 -m venv "$venv"
 . "$venv/bin/activate"
 echo "torch==2.13.0" > "$venv/torch-only.txt"
 SLIMQUANT_CONSTRAINTS="$venv/torch-only.txt" bash scripts/install.sh --dev --upgrade
-python -m pip freeze --exclude-editable | grep -v '^-e ' > "$venv/freeze.txt"
+# --all: setuptools is a dependency of torch and belongs in the lock; pip itself does not
+python -m pip freeze --all --exclude-editable | grep -v -e '^-e ' -e '^pip==' > "$venv/freeze.txt"
 echo "testing against:" && grep -iE '^(transformers|tokenizers|safetensors|pydantic|pluggy|numpy|accelerate|gguf)==' "$venv/freeze.txt"
 python -m pytest -p no:cacheprovider "$@"
 
