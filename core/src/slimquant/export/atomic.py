@@ -204,18 +204,24 @@ class OutputReservation:
             raise
         return self
 
-    def commit(self) -> None:
-        """Put the finished temporary directory in place of the output (marked as a slimquant output)."""
+    @contextlib.contextmanager
+    def aborted_on_failure(self) -> Iterator[None]:
+        """Any exception inside removes what the reservation created; an OSError becomes an OutputError."""
         try:
-            check_output_dir(self.path, self.overwrite, self.inputs)  # someone may have written there meanwhile
-            (self.tmp / OUTPUT_MARKER).write_text(OUTPUT_MARKER_TEXT)
-            _swap_in(self.tmp, self.path)
+            yield
         except OSError as exc:
             self.abort()
             raise OutputError(f"cannot write output directory {self.path}: {exc}") from exc
         except BaseException:
             self.abort()
             raise
+
+    def commit(self) -> None:
+        """Put the finished temporary directory in place of the output (marked as a slimquant output)."""
+        with self.aborted_on_failure():
+            check_output_dir(self.path, self.overwrite, self.inputs)  # someone may have written there meanwhile
+            (self.tmp / OUTPUT_MARKER).write_text(OUTPUT_MARKER_TEXT)
+            _swap_in(self.tmp, self.path)
         self.committed = True
         self._created_parents = []
         self._release_lock()
@@ -244,12 +250,6 @@ def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False,
                       reservation: OutputReservation | None = None) -> Iterator[Path]:
     """Yield the temporary directory to write into (`reservation`'s, when the place was reserved up front)."""
     reservation = reservation or OutputReservation(path, overwrite).open()
-    try:
+    with reservation.aborted_on_failure():
         yield reservation.tmp
-    except OSError as exc:
-        reservation.abort()
-        raise OutputError(f"cannot write output directory {reservation.path}: {exc}") from exc
-    except BaseException:
-        reservation.abort()
-        raise
     reservation.commit()
