@@ -337,7 +337,7 @@ def test_moe_subgraphs_cover_experts_no_token_reached(arch):
 @pytest.mark.parametrize("true_sequential", [False, True], ids=["one-pass", "true-sequential"])
 @pytest.mark.parametrize("act_method", [1, 2])
 def test_static_w8a8_scales_for_experts_no_token_reached(arch, true_sequential, act_method, monkeypatch):
-    monkeypatch.setattr(MinMaxPlugin, "true_sequential", true_sequential, raising=False)
+    monkeypatch.setattr(MinMaxPlugin, "sequential", true_sequential)
     few = [CALIB[0][:, :2]]
     reached = experts_reached(fresh(arch), few)
     model = fresh(arch)

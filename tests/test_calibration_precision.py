@@ -13,12 +13,13 @@ from slimquant.plugins import AlgorithmPlan, PluginSet
 from slimquant.runtime import precision
 from slimquant.runtime.pipeline import LayerwiseQuantizer
 from slimquant.runtime.precision import resolve_calibration_dtype
+from slimquant.sdk import WeightQuantizer
 from slimquant.testing import ARCHS
 
 CPU = torch.device("cpu")
 
 
-class _PrecisionSpy:
+class _PrecisionSpy(WeightQuantizer):
     """Records the dtype of each observed input and whether autocast was on inside each hook."""
 
     name = "precisionspy"

@@ -31,10 +31,11 @@ def test_help_is_complete(command):
         assert shown in result.output, f"{command} --help does not list {shown}"
 
 
-def test_plugins_lists_minmax_with_its_hooks():
+def test_plugins_lists_minmax_with_its_roles():
     result = run("plugins")
     assert result.exit_code == 0
-    assert "minmax" in result.output and "quantize_weight" in result.output
+    [line] = [line for line in result.output.splitlines() if " minmax " in line]
+    assert "weights, activations" in line and " no " in line
 
 
 def test_quantize_a_local_model_end_to_end(tiny_model_dir, calib_text_file, tmp_path):

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 import slimquant
 from slimquant.errors import PluginError, RecipeError
 from slimquant.plugins import plan_algorithms
+from slimquant.sdk import WeightQuantizer
 from slimquant.testing import check_plugin
 
 PLUGIN_SOURCE = '''
@@ -25,6 +26,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from slimquant import hookimpl
+from slimquant.sdk import WeightQuantizer
 from slimquant.quant.qweight import QuantizedWeight, contiguous_g_idx, num_groups
 
 LOG_GRID = torch.tensor([-1.0, -0.5, -0.25, -0.125, -0.0625, -0.03125, -0.015625, 0.0,
@@ -36,7 +38,7 @@ def _groups(w, group_size):
     return contiguous_g_idx(w.shape[1], size).long(), num_groups(w.shape[1], size)
 
 
-class Pow2(object):
+class Pow2(WeightQuantizer):
     """4-bit codes on a logarithmic codebook, absmax scale per group: a non-uniform grid."""
     name = "pow2"
     requires_calibration_data = False
@@ -69,7 +71,7 @@ class Pow2(object):
         return QuantizedWeight(codes.to(torch.int8), scale, None, 4, args.group_size, codebook=LOG_GRID.clone())
 
 
-class HalfZero(object):
+class HalfZero(WeightQuantizer):
     """Asymmetric rounding whose zero point is not rounded: a fractional zero point."""
     name = "halfzero"
     requires_calibration_data = False
@@ -177,7 +179,7 @@ def test_an_msmodelslim_alias_reaches_a_third_party_plugin(third_party):
         QuantConfig(w_method="NOSUCH")
 
 
-class _WrongShape:
+class _WrongShape(WeightQuantizer):
     name = "wrongshape"
 
     class Config(BaseModel):
@@ -207,7 +209,7 @@ def test_a_plugin_returning_a_bad_qweight_is_named():
 # -- state lifetime, sub-blocks -----------------------------------------------------------------------------------
 
 
-class _StateSpy:
+class _StateSpy(WeightQuantizer):
     name = "statespy"
     requires_calibration_data = True
     sequential = True

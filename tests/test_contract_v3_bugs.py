@@ -6,15 +6,18 @@ import logging
 import sys
 import textwrap
 from types import SimpleNamespace
+from typing import Literal
 
 import pytest
 import torch
+from pydantic import BaseModel, ConfigDict
 from rich.console import Console
 from tiny_models import tiny_model
 
 import slimquant
 from slimquant.errors import PluginError, RecipeError
 from slimquant.plugins import AlgorithmPlan, PluginSet, plan_algorithms
+from slimquant.sdk import Exporter, WeightQuantizer
 from slimquant.testing import ContractError, check_declaration, check_plugin
 
 PLUGIN_SOURCE = '''
@@ -27,12 +30,13 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from slimquant import hookimpl
+from slimquant.sdk import Exporter, WeightQuantizer
 from slimquant.quant.fake_linear import FakeQuantLinear
 from slimquant.quant.math import round_to_nearest
 from slimquant.stats import Reduce, Statistic
 
 
-class Forgot:
+class Forgot(WeightQuantizer):
     """quantize_weight written but not marked @hookimpl: only observe reaches the runtime."""
     name = "forgot"
     requires_calibration_data = True
@@ -62,7 +66,7 @@ class ObserveOnly(Forgot):
     quantize_weight = None
 
 
-class Loose:
+class Loose(WeightQuantizer):
     """A Config without extra="forbid": pydantic ignores unknown keys."""
     name = "loose"
 
@@ -89,7 +93,7 @@ class Absmax(Statistic):
         self.value = m if self.value is None else torch.maximum(self.value, m)
 
 
-class PlainTensor:
+class PlainTensor(WeightQuantizer):
     """Declares distributed, but keeps its statistic as a plain tensor: never combined across processes."""
     name = "plaintensor"
     requires_calibration_data = True
@@ -118,7 +122,7 @@ class PlainTensor:
         return round_to_nearest(module.weight, args)
 
 
-class CalibratedPathBreaks:
+class CalibratedPathBreaks(WeightQuantizer):
     """Data-free, and correct alone; behind a smoother (calibrated path) it fails."""
     name = "dataonlyalone"
 
@@ -136,7 +140,7 @@ class CalibratedPathBreaks:
         return round_to_nearest(module.weight, args)
 
 
-class Npz:
+class Npz(Exporter):
     """An exporter: every fake-quantized Linear's codes and scales in one .npz."""
     name = "npz"
     stray = False  # True: it also writes a file beside its output folder
@@ -206,16 +210,54 @@ def run_with(plugin):
 
 
 @pytest.mark.parametrize("name", ["forgot", "observeonly"])
-def test_a_named_algorithm_that_gets_no_role_is_refused_at_plan_time(third_party, name):
-    with pytest.raises(RecipeError, match=rf"algorithms\[0\]: '{name}' gets no role in this plan \(hooks: observe\)"):
+def test_a_named_algorithm_without_its_role_hook_is_refused_when_it_loads(third_party, name):
+    with pytest.raises(RecipeError, match=rf"algorithms\[0\]: plugin '{name}' is a WeightQuantizer but has no "
+                                          "@hookimpl quantize_weight"):
         plan({"scheme": "W4A16", "algorithms": [name]})
 
 
 def test_the_contract_check_fails_for_a_forgotten_hookimpl_and_an_observe_only_plugin(third_party):
     with pytest.raises(ContractError, match="forgot: quantize_weight is not marked @hookimpl"):
         check_plugin(third_party.Forgot, archs=["llama"])
-    with pytest.raises(ContractError, match="observeonly: .*no role"):
+    with pytest.raises(ContractError, match="'observeonly' is a WeightQuantizer but has no @hookimpl quantize_weight"):
         check_plugin(third_party.ObserveOnly, archs=["llama"])
+
+
+def _declared(bases: tuple, **attributes) -> type:
+    class Config(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        name: Literal["declared"] = "declared"
+
+    def quantize_weight(self, ctx, name, module, args):
+        return None
+
+    hooks = {"quantize_weight": slimquant.hookimpl(quantize_weight)}
+    return type("Declared", bases, {"name": "declared", "Config": Config, **hooks, **attributes})
+
+
+@pytest.mark.parametrize("bases, attributes, problem", [
+    ((object,), {}, "plugin 'declared' takes no role: contract v3 plugins subclass the base of each role"),
+    ((WeightQuantizer,), {"requires_calibration": True},
+     "declared.requires_calibration is not a capability; did you mean requires_calibration_data?"),
+    ((WeightQuantizer,), {"distributed": "yes"}, "declared.distributed must be bool, got 'yes'"),
+    ((WeightQuantizer,), {"holds": frozenset()},
+     r"declared.holds is not a capability of its roles \(WeightQuantizer\)"),
+    ((WeightQuantizer,), {"smooth": slimquant.hookimpl(lambda self, ctx: None)},
+     r"implements smooth, which none of its roles \(WeightQuantizer\) has"),
+    ((Exporter,), {}, "an output format subclasses Exporter alone"),
+])
+def test_roles_and_capabilities_are_checked_when_a_plugin_loads(bases, attributes, problem):
+    with pytest.raises(ContractError, match=problem):
+        check_declaration(_declared(bases, **attributes))
+
+
+def test_a_capability_set_wrongly_in_init_is_refused_once_built():
+    from slimquant.plugins import build_plugin
+
+    cls = _declared((WeightQuantizer,))
+    cls.__init__ = lambda self, config: setattr(self, "row_parallel", 1) or setattr(self, "config", config)
+    with pytest.raises(PluginError, match="declared.row_parallel must be bool, got 1"):
+        build_plugin(cls, cls.Config())
 
 
 def test_each_role_counts_as_one(third_party):
@@ -245,17 +287,17 @@ def test_a_plain_tensor_in_a_distributed_plugins_state_is_refused_naming_plugin_
 
 
 def test_several_processes_check_the_state_before_reducing_it(third_party, monkeypatch):
-    from slimquant.runtime import distributed, pipeline
+    from slimquant.runtime import distributed
     from slimquant.runtime.context import LayerContext
+    from slimquant.runtime.parallelism import Parallelism
 
     monkeypatch.setattr(distributed, "reduce_statistic", lambda *a: pytest.fail("reduced before the check"))
-    quantizer = pipeline.LayerwiseQuantizer.__new__(pipeline.LayerwiseQuantizer)
-    quantizer.ranks, quantizer._reduced, quantizer.device = SimpleNamespace(several=True), [], torch.device("cpu")
-    quantizer.plugins = PluginSet({"plaintensor": third_party.PlainTensor(third_party.PlainTensor.Config())})
+    plugins = PluginSet({"plaintensor": third_party.PlainTensor(third_party.PlainTensor.Config())})
+    parallel = Parallelism(SimpleNamespace(several=True), plugins, {}, torch.device("cpu"))
     ctx = LayerContext(0, "model.layers.0", torch.nn.Identity(), torch.device("cpu"), {}, {}, [])
     ctx.state("plaintensor")["model.layers.0.mlp.up_proj"] = torch.ones(4)
     with pytest.raises(PluginError, match=r"\['model.layers.0.mlp.up_proj'\]"):
-        quantizer._reduce_statistics(ctx)
+        parallel.reduce_statistics(ctx)
 
 
 def test_the_contract_check_runs_the_state_check_of_a_distributed_plugin(third_party, monkeypatch):
@@ -279,7 +321,7 @@ def test_gptq_keeps_only_statistics_in_its_state():
 # -- 4. a QuantizedWeight changed after construction -------------------------------------------------------------------
 
 
-class _ChangesItsResult:
+class _ChangesItsResult(WeightQuantizer):
     name = "changes"
 
     def __init__(self, change):
@@ -321,7 +363,7 @@ def test_an_alias_is_a_known_key():
 
     from slimquant.plugins import validate_args
 
-    class Aliased:
+    class Aliased(WeightQuantizer):
         name = "aliased"
 
         class Config(BaseModel):
@@ -385,7 +427,7 @@ def test_the_contract_check_runs_a_data_free_plugin_behind_a_calibrated_one(thir
         check_plugin(third_party.CalibratedPathBreaks, scheme="W8A16", archs=["llama"])
 
 
-class _Raises:
+class _Raises(WeightQuantizer):
     name = "raises"
 
     def __init__(self, error):

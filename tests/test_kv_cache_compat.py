@@ -12,7 +12,7 @@ from slimquant.runtime import kv_attention
 def test_use_kvcache_quant_maps_onto_the_kv_cache_section():
     recipe = QuantConfig(w_bit=8, a_bit=8, mm_tensor=False, use_kvcache_quant=True).to_recipe()
     assert recipe.kv_cache.model_dump() == {"bits": 8, "strategy": "channel", "symmetric": False, "dynamic": False,
-                                            "algorithm": "kvcache"}
+                                            "algorithm": None}
     assert QuantConfig(w_bit=8, a_bit=8, mm_tensor=False).to_recipe().kv_cache is None
 
 

@@ -19,6 +19,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel
 from slimquant import hookimpl
+from slimquant.sdk import WeightQuantizer
 from slimquant.quant.math import quantize_weight_with, weight_qparams
 
 CALLS = []
@@ -27,7 +28,7 @@ class Config(BaseModel):
     name: Literal["halfrange"] = "halfrange"
     ratio: float = 0.5
 
-class HalfRange:
+class HalfRange(WeightQuantizer):
     """Round-to-nearest with every range shrunk by `ratio` (a deliberately odd algorithm)."""
     name = "halfrange"
     Config = Config

@@ -138,12 +138,12 @@ def test_an_uncreatable_checkpoint_dir_is_refused_before_loading(tiny_model_dir,
 
 def test_a_run_refused_before_its_first_layer_leaves_no_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
     from slimquant.errors import NonFiniteError
-    from slimquant.runtime.pipeline import LayerwiseQuantizer
+    from slimquant.runtime.engine import LayerEngine
 
     def refuse(*args, **kwargs):  # after the checkpoint was opened, before its first layer
         raise NonFiniteError("an activation holds Inf")
 
-    monkeypatch.setattr(LayerwiseQuantizer, "_quantize_linear", refuse)
+    monkeypatch.setattr(LayerEngine, "quantize_linear", refuse)
     result = data_free(tiny_model_dir, "-o", tmp_path / "new" / "out")
     one_line_error(result, "Inf")
     assert list(tmp_path.iterdir()) == []  # no out.checkpoint, no lock, no temporary dir, no parent folder

@@ -59,11 +59,15 @@ def test_every_class_and_function_of_the_sdk_has_a_docstring(name):
 def test_the_sdk_docstring_walks_an_author_through_the_roles():
     doc = sdk.__doc__
     assert "Writing a plugin" in doc
-    for role in ("Weight algorithm", "Grid", "Smoother or activation algorithm", "Exporter"):
+    for role in ("Weight algorithm (``WeightQuantizer``)", "Grid (``Grid``)",
+                 "Smoother or activation algorithm (``Smoother``, ``ActivationQuantizer``)",
+                 "Model transform (``ModelTransform``)", "Exporter (``Exporter``"):
         assert f"\n- {role}" in doc
     mentioned = set(re.findall(r"``(\w+)", doc))
     for name in ("LinearPlan", "LayerContext", "QuantizedWeight", "WeightGrid", "CodebookGrid", "FakeQuantLinear",
-                 "Statistic", "effective_group_size", "qrange", "check_plugin"):
+                 "Statistic", "effective_group_size", "qrange", "check_plugin", "Feature", "ModelContext",
+                 "WeightQuantizer", "ActivationQuantizer", "Smoother", "Grid", "CacheQuantizer", "ModelTransform",
+                 "Exporter"):
         assert name in mentioned and name in sdk.__all__
 
 

@@ -23,10 +23,10 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from slimquant.sdk import FakeQuantLinear, QuantizedWeight, hookimpl, qrange, weight_qparams
+from slimquant.sdk import Exporter, FakeQuantLinear, QuantizedWeight, WeightQuantizer, hookimpl, qrange, weight_qparams
 
 
-class Pow2Scales:
+class Pow2Scales(WeightQuantizer):
     """Round-to-nearest whose scales are powers of two (a shift in integer kernels); data-free."""
     name = "pow2scale"
 
@@ -52,7 +52,7 @@ class Pow2Scales:
         return QuantizedWeight(codes.to(torch.int8), scale, None, args.bits, args.group_size)
 
 
-class NpzExporter:
+class NpzExporter(Exporter):
     """Every quantized Linear's codes and scales as <name>.codes / <name>.scale in one uncompressed .npz."""
     name = "npz-dump"
 

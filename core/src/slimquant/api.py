@@ -40,7 +40,7 @@ def smooth_only(model: nn.Module, recipe: Recipe | dict, *, tokenizer=None, cali
     stays in float and computes the same function. The recipe's scheme and `ignore` decide which Linears count."""
     recipe = _recipe(recipe)
     if not plan_algorithms(recipe).smoothers:
-        raise RecipeError("smooth_only: the recipe names no smoothing algorithm (e.g. smoothquant, shift)")
+        raise RecipeError("smooth_only: the recipe names no smoothing algorithm (a Smoother plugin)")
     return _run(model, recipe, tokenizer, calib_data, samples, smooth_only=True)
 
 

@@ -62,19 +62,22 @@ def _setup_logging(verbose: bool) -> None:
 
 @app.command("plugins")
 def plugins_command() -> None:
-    """List installed plugins: algorithms and output formats, with distribution, version, hooks and capabilities."""
+    """List installed plugins: algorithms and output formats, with their roles, whether they need data, and the
+    distribution each comes from."""
     from slimquant import plugins as registry
+    from slimquant.roles import ROLE_LABELS, roles_of
 
     for group, title in ((registry.ALGORITHMS, "algorithms"), (registry.EXPORTERS, "output formats")):
-        table = Table("name", "distribution", "version", "hooks", "needs data", title=f"slimquant {title}")
+        table = Table("name", "roles", "needs data", "distribution", title=f"slimquant {title}")
         for name, info in registry.installed(group).items():
             try:
                 cls = registry.load_plugin_class(name, group)
-                hooks = ", ".join(registry.hooks_of(cls))
+                roles = ", ".join(ROLE_LABELS[role] for role in roles_of(cls))
                 data = "yes" if registry.requires_calibration_data(cls) else "no"
             except SlimquantError as exc:
-                hooks, data = f"[red]broken: {escape(str(exc))}[/]", "?"
-            table.add_row(name, info.distribution, info.version, hooks, data if group == registry.ALGORITHMS else "")
+                roles, data = f"[red]broken: {escape(str(exc))}[/]", "?"
+            table.add_row(name, roles, data if group == registry.ALGORITHMS else "",
+                          f"{info.distribution} {info.version}")
         Console().print(table)
 
 

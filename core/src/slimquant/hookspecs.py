@@ -1,4 +1,4 @@
-"""The contract (version 2) between slimquant's runtime and its plugins.
+"""The contract (version 3) between slimquant's runtime and its plugins: the hooks.
 
 Two entry-point groups, each name unique within its group:
 
@@ -7,109 +7,62 @@ Two entry-point groups, each name unique within its group:
 - ``slimquant.exporters``: output formats (``safe_tensor``, ``numpy``, ...), named in ``save_type`` /
   ``--save-type``.
 
-A plugin imports from slimquant only ``slimquant.sdk``: ``hookimpl``, the plan, weight and grid types, the math API,
-statistics, errors, exporter helpers and the testing kit, re-exported there by role; CI enforces it with
-import-linter (the contracts in the root ``pyproject.toml``). This module specifies the hooks it implements.
+A plugin imports from slimquant only ``slimquant.sdk``: ``hookimpl``, the role bases, the plan, weight and grid
+types, the math API, statistics, errors, exporter helpers and the testing kit; CI enforces it with import-linter
+(the contracts in the root ``pyproject.toml``). This module specifies the hooks it implements.
 
-A plugin is a class with:
+A plugin is a class that subclasses the base of each role it takes (``slimquant.roles``: ``WeightQuantizer``,
+``ActivationQuantizer``, ``Smoother``, ``Grid``, ``CacheQuantizer``, ``ModelTransform``, ``Exporter``), with:
 
 - ``name``: what users write; it must equal the entry-point name;
 - ``Config``: a pydantic model of its arguments, with ``name: Literal["<name>"]`` and
   ``model_config = ConfigDict(extra="forbid")``; ``__init__(self, config)`` takes the validated ``Config``. The
   runtime refuses keys the Config does not declare whatever its setting, and ``check_plugin`` requires
   ``extra="forbid"``;
-- the hooks below that it implements, marked with ``@hookimpl``. Every algorithm named in ``algorithms`` must take
-  a role in the plan (weights, activations, smoother, grid, cache, or an override's algorithm) through such a hook;
-  one that takes none is refused at plan time;
-- its capabilities, as data the runtime reads (class attributes, which ``__init__`` may refine per instance from
-  the config):
+- the hook of each role it takes, and any of the role's optional hooks, marked with ``@hookimpl``; every algorithm
+  named in ``algorithms`` must get a role in the plan;
+- its capabilities, typed class attributes of its roles (``requires_calibration_data``, ``sequential``,
+  ``accepts_weight_grid``, ``distributed``, ``row_parallel``, ``observes_output``, ``holds``, ``scale_dtype``, ...)
+  and methods (``observes(plan)``, ``output_features(plan)``, ``linear_cost(rows, cols)``), documented in
+  ``slimquant.roles`` and validated when the plugin loads.
 
-  ``requires_calibration_data: bool`` (default False)
-      True when the plugin cannot work without calibration samples (GPTQ's Hessians, a smoother's ranges). When
-      no plugin of a run requires data and none ``observes`` any Linear, the runtime takes the data-free path:
-      every Linear is quantized straight from its weight; no sample is read, generated or run.
-  ``sequential: bool`` (default False)
-      True when a weight algorithm wants each Linear's inputs observed after the Linears before it were
-      quantized (GPTQ's true_sequential): the runtime then observes and quantizes the layer's Linears group by
-      group (q/k/v, o, gate/up, down), re-running the layer in between.
-  ``observes(self, plan) -> bool`` (default: False)
-      Whether the quantize-phase observation pass must show this plugin the inputs of a Linear with that
-      ``LinearPlan``. A plugin with an ``observe`` hook and no ``observes`` method observes every Linear whose
-      plan names it.
-  ``observes_output: bool`` (default True)
-      False when the plugin's ``observe`` never reads ``output``: it is then called before the Linear runs, with
-      ``output`` None, and an observation pass stops before computing the last Linear it needs (a Llama layer's
-      down_proj) instead of after it. The runtime does so for a Linear only when every plugin observing it declares
-      False.
-  ``accepts_weight_grid: bool`` (default False)
-      True when the plugin's ``quantize_weight`` rounds onto the grid another plugin provides (``ctx.grid(name)``,
-      see ``weight_grid`` below) instead of always onto the uniform one: minmax and gptq do.
-  ``permutes_groups: bool`` (default False)
-      True when the plugin's ``quantize_weight`` may return group-quantized weights whose groups are permuted over
-      the input channels (``QuantizedWeight.g_idx``: GPTQ's act order with groups formed during the sweep). The
-      runtime records it in ``LinearPlan.permuted_groups`` (for group strategies), so that an exporter's ``check``
-      can refuse, before any model is loaded, a format that holds contiguous groups only (gguf).
-  ``groups_from_sweep: bool`` (default False)
-      True when the plugin's ``quantize_weight`` asks the grid for each group's scale from that group's columns
-      alone, part way through a sweep (GPTQ's groups without static_groups), instead of from the whole weight.
-      The runtime records it in ``LinearPlan.groups_from_sweep`` (a grid may group a per-channel scheme), so that a
-      grid whose groups share numbers across a row (llama.cpp's K-quant super-blocks) can refuse it in ``check``.
-  ``distributed: bool`` (default False)
-      True when a run on several processes (torch.distributed, ``slimquant.runtime.distributed``) gives what one
-      process would: every statistic the plugin keeps in ``ctx.state`` is a ``slimquant.stats.Statistic`` (the
-      runtime combines them after each observation pass) and it searches nothing on the calibration data one
-      process holds (``ctx.block_inputs`` differ between processes). A run on several processes refuses plugins
-      that do not declare it; it, and ``check_plugin`` in one process, also refuses a tensor kept in ``ctx.state``
-      outside a ``Statistic``, naming the plugin and the key.
-  ``row_parallel: bool`` (default False)
-      True when ``quantize_weight`` quantizes only ``module.weight[ctx.row_block(name)]`` and returns the
-      ``QuantizedWeight`` of those rows (rows independent given the statistics: round to nearest, GPTQ). On several
-      processes each then quantizes its block and the runtime gathers them; in one process the block is every row.
-  ``linear_cost(self, rows, cols) -> float`` (default: rows * cols)
-      On several processes, when a layer (or a sequential group of it) has at least two clusters of Linears per
-      process (a cluster: the Linears that read one input tensor, such as q/k/v), the runtime quantizes whole
-      clusters instead of row blocks: each cluster on one process (``ctx.row_block`` is then every row), assigned
-      costliest first to the least loaded process, and the result sent to the others. This estimates the work of
-      quantizing a cluster whose stacked weight is rows x cols, in any unit common to the run's plugins (GPTQ: its
-      sweep, its per-column steps and its inverse Hessian factor).
-  ``aliases: dict[str, str]`` (default empty)
-      The names other tools give this algorithm, for slimquant's compatibility APIs: keys
-      ``"msmodelslim.w_method"``, ``"msmodelslim.anti_method"``, ``"msmodelslim.sparse"`` (value ``"co_sparse"``:
-      QuantConfig's co_sparse / is_lowbit), ``"paddleslim"``; e.g. ``{"msmodelslim.w_method": "GPTQ"}``. The
-      compatibility APIs look plugins up by these, never by a name written into slimquant.
+What an output holds beyond plain uniform codes (permuted groups, a codebook, fractional zeros, two-level or
+quantized scales, sparsity, outliers, a quantized cache, online transforms) is declared as ``Feature``s
+(``slimquant.features``): producers say which their output has per plan, exporters and grids which they hold, and
+the core refuses each mismatch at plan time.
 
-  A weight algorithm may return a pruned ``QuantizedWeight`` (``sparsity``: the pattern; pruned codes dequantize to
-  exactly 0) with ``outliers`` (``slimquant.quant.outliers.WeightOutliers``: flat int32/int64 positions and
-  float16/bfloat16 values, unique, in range, finite, added by ``dequantize``); the msModelSlim layout saves both.
+What changed from version 2: roles are base classes instead of whatever hooks a class has; capabilities are typed
+and validated at load (``observes_output`` now defaults to False); ``permutes_groups``, ``groups_from_sweep`` and
+``holds_kv_cache`` became output features (``LinearPlan.features``, ``Exporter.holds``), so exporters and grids no
+longer list other plugins' settings to refuse; the ``transform_model`` hook and the ``ModelTransform`` role are
+new.
 
-Weight grids: a plugin may define the values a weight's codes stand for (a codebook such as NF4, with its way of
-choosing each group's scale) through ``weight_grid``. When a recipe names two weight algorithms and exactly one of
+Weight grids: a ``Grid`` plugin may define the values a weight's codes stand for (a codebook such as NF4, with its way
+of choosing each group's scale) through ``weight_grid``. When a recipe names two weight algorithms and exactly one of
 them provides ``weight_grid``, that one is the plan's grid provider (``LinearPlan.grid_algorithm``) and the other
 chooses the codes on its grid (``[nf4, gptq]``: GPTQ's error feedback, NF4's format); the one that chooses must
-declare ``accepts_weight_grid``. A grid provider named alone both provides the grid and quantizes. Without a grid
-provider a plan has ``grid_algorithm`` None and every algorithm rounds onto the uniform integer grid. An override
-(``LayerOverride.grid``) gives its Linears another grid provider, or the uniform grid ("uniform"), so that one
-recipe mixes grids (llama.cpp's Q4_K_M: Q5_0 blocks and K-quant super-blocks, GPTQ choosing every code).
+declare ``accepts_weight_grid``, and what it produces must be among the grid's ``holds``. A grid provider named alone
+both provides the grid and quantizes. Without a grid provider a plan has ``grid_algorithm`` None and every algorithm
+rounds onto the uniform integer grid. An override (``LayerOverride.grid``) gives its Linears another grid provider, or
+the uniform grid ("uniform"), so that one recipe mixes grids (llama.cpp's Q4_K_M: Q5_0 blocks and K-quant super-
+blocks, GPTQ choosing every code).
 
 Attention cache: a recipe's ``kv_cache`` section (``slimquant.config.kv_cache.KVCacheArgs``: ``bits``, ``strategy``
 head | tensor | channel | token, ``symmetric``, ``dynamic``, ``algorithm``) plans the plugin named by its
-``algorithm`` (default ``kvcache``) as the run's cache algorithm (``AlgorithmPlan.cache_algorithm``); it must
-implement ``quantize_cache``. Keys (after the rotary embedding, before grouped-query heads are repeated) and values
-enter the cache fake-quantized, through the attention wrapper the runtime installs
-(``slimquant.runtime.kv_attention``). Per decoder layer, after its Linears are quantized, a static cache's
+``algorithm`` (default: the cache algorithm the recipe names, else the one installed) as the run's cache algorithm
+(``AlgorithmPlan.cache_algorithm``); it must implement ``quantize_cache``. Keys (after the rotary embedding, before
+grouped-query heads are repeated) and values enter the cache fake-quantized, through the attention wrapper the runtime
+installs (``slimquant.runtime.kv_attention``). Per decoder layer, after its Linears are quantized, a static cache's
 observation pass shows the plugin every calibration batch's keys and values (``observe_cache``), then
 ``quantize_cache`` returns the layer's ``CacheQParams``; the layer's output for the next layer is computed with the
 quantized cache. Its ``check`` is called with a ``CachePlan`` (``slimquant.plugins``) as ``plan``: once before the
-model is loaded (``name``/``shape`` None), then per attention layer with the attention module's name and
-``(kv_heads, head_dim)``.
+model is loaded (``name``/``shape`` None), then per attention layer with the attention module's name and ``(kv_heads,
+head_dim)``.
 
-An exporter declares what it can hold beyond weights and activation scales, as data: ``holds_kv_cache: bool``
-(default False); a recipe with a ``kv_cache`` section saved in a format that cannot hold it is refused at plan time.
-``scale_dtype: str | None`` (default None) names the float type the format stores weight scales in (gguf and GPTQ:
-``"float16"``): the CLI gives a recipe that sets no ``weights.scale_dtype`` that type when the format's ``check``
-then accepts the plan and did not before, and prints it in the plan.
-Everything else an exporter cannot hold it refuses in ``check`` and again in ``export`` (an output converted with
-``slimquant export`` was never planned for it).
+An exporter declares the ``Feature``s it holds (``holds``; ``KV_CACHE`` for a quantized attention cache) and the
+float type its scales are stored in (``scale_dtype``). Everything else it cannot hold (bits, shapes, activation
+schemes) it refuses in ``check`` and again in ``export`` (an output converted with ``slimquant export`` was never
+planned for it); features it does not hold the core refuses for it, at plan time and again before ``export``.
 
 Dispatch: the runtime calls each hook on the one plugin the plan chose for that call (the Linear's weight
 algorithm, its activation algorithm, the smoother whose turn it is, the exporter of that format), with keyword
@@ -136,7 +89,7 @@ from __future__ import annotations
 import pluggy
 
 PROJECT = "slimquant"
-CONTRACT_VERSION = 2
+CONTRACT_VERSION = 3
 
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
@@ -247,4 +200,31 @@ def export(model, output_dir, options: dict):
     what the format cannot hold in ``check``, before any work, never by writing an approximation. Write only under
     ``output_dir``: ``save_quantized`` removes anything the exporter creates beside it and reports it as a
     ``PluginError``.
+    """
+
+
+@hookspec
+def check_model(ctx) -> list[str] | None:
+    """Plan-time validation of a ``ModelTransform`` against the model's structure: the problems (each naming the
+    module, e.g. ``"model.layers.0.input_layernorm: LayerNorm with a bias cannot be folded into a rotation"``) that
+    keep it from rewriting this model exactly; None or [] when there are none.
+
+    Called with a ``ModelContext`` before any weight is read, on a weightless copy of the model (parameters on the
+    meta device: read module types, shapes and the config, not values), and again on the loaded model before
+    ``transform_model``. Must not modify anything.
+    """
+
+
+@hookspec
+def transform_model(ctx) -> None:
+    """Rewrite the whole model once, on a ``ModelTransform``, before anything else touches it: after the model is
+    loaded and every Linear planned, before calibration inputs are caught and before the first decoder layer is
+    smoothed or quantized (on the data-free path too).
+
+    ``ctx`` is a ``ModelContext`` (``slimquant.runtime.model_context``): ``ctx.model``, its decoder layers
+    (``ctx.layers``, under ``ctx.prefix``), each Linear's ``LinearPlan`` (``ctx.plans``, None for one left in float)
+    and the work device. Transforms run in recipe order. A transform must leave the float model's function unchanged
+    up to float rounding (a rotation folded into the weights, an untied embedding), may change any weight, add or
+    untie parameters, but must not add, remove or rename Linears (the plans name them); it says what it did through
+    ``ctx.note(...)``, which the run's report and plan print. Return nothing.
     """

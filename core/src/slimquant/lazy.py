@@ -49,6 +49,10 @@ def check_lazy_recipe(recipe: Recipe, algorithms: AlgorithmPlan, save_type=("saf
         problems.append("a bit budget measures every Linear of the whole model: leave out `budget`")
     if algorithms.cache is not None:
         problems.append("a quantized attention cache (kv_cache) is not written by the lazy path yet")
+    for name in algorithms.transforms:
+        if not algorithms.plugins.get(name).lazy:
+            problems.append(f"algorithms: {name!r} is a model transform that needs the whole model in memory; lazy "
+                            "loading reads one decoder layer at a time")
     formats = [save_type] if isinstance(save_type, str) else list(save_type)
     other = [f for f in formats if f not in LAZY_FORMATS]
     if other:

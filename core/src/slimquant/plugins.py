@@ -17,17 +17,19 @@ from pydantic import AliasChoices, AliasPath, BaseModel, ValidationError
 from slimquant import hookspecs
 from slimquant.config.kv_cache import KVCacheArgs
 from slimquant.config.recipe import Recipe, format_validation_error
-from slimquant.config.scheme import Strategy
-from slimquant.errors import PluginError, RecipeError, SlimquantError
+from slimquant.errors import OutputError, PluginError, RecipeError, SlimquantError
+from slimquant.features import PLAN_ONLY, Feature, check_features, features_of, refusals
+from slimquant.roles import capability_problems, role_problems
 
 ALGORITHMS = "slimquant.plugins"
 EXPORTERS = "slimquant.exporters"
 KIND = {ALGORITHMS: "algorithm", EXPORTERS: "output format"}
 HOOK_NAMES = ("check", "observe", "smooth", "quantize_weight", "quantize_act", "weight_grid", "observe_cache",
-              "quantize_cache", "export")
+              "quantize_cache", "check_model", "transform_model", "export")
 ALGORITHM_HOOKS = ("observe", "smooth", "quantize_weight", "quantize_act", "weight_grid", "observe_cache",
-                   "quantize_cache")
-ROLE_HOOKS = ("smooth", "quantize_weight", "quantize_act", "weight_grid", "quantize_cache")  # each gives a plan role
+                   "quantize_cache", "check_model", "transform_model")
+ROLE_HOOKS = ("smooth", "quantize_weight", "quantize_act", "weight_grid", "quantize_cache",
+              "transform_model")  # each gives a plan role
 # what a hook may raise that is not the plugin's fault: passed on as it is, not as a PluginError
 NOT_WRAPPED = (SlimquantError, OSError, MemoryError, torch.OutOfMemoryError)
 DEFAULT_ALGORITHM = "minmax"
@@ -87,12 +89,19 @@ def load_plugin_class(name: str, group: str = ALGORITHMS) -> type:
     literal = config.model_fields.get("name")
     if literal is None or typing.get_args(literal.annotation) != (name,):
         raise PluginError(f"plugin {name!r}: Config.name must be Literal[{name!r}]")
-    hooks = hooks_of(cls)
-    if group == ALGORITHMS and not set(ALGORITHM_HOOKS) & set(hooks):
-        raise PluginError(f"plugin {name!r} implements none of the algorithm hooks {', '.join(ALGORITHM_HOOKS)}")
-    if group == EXPORTERS and "export" not in hooks:
-        raise PluginError(f"exporter {name!r} implements no `export` hook")
+    problems = role_problems(cls, hooks_of(cls), exporter=group == EXPORTERS)
+    if problems:
+        raise PluginError("; ".join(problems))
     return cls
+
+
+def build_plugin(cls: type, config: BaseModel):
+    """The plugin built from its validated Config, its capabilities checked again (``__init__`` may set them)."""
+    plugin = cls(config)
+    problems = capability_problems(plugin)
+    if problems:
+        raise PluginError("; ".join(problems))
+    return plugin
 
 
 def hooks_of(cls: type) -> list[str]:
@@ -129,57 +138,39 @@ def config_keys(config: type[BaseModel]) -> set[str]:
     return keys
 
 
-# -- capabilities, read as declared data ------------------------------------------------------------------------
+# -- capabilities, typed attributes of the role bases (slimquant.roles), validated when a plugin loads ----------
 
 
 def requires_calibration_data(plugin) -> bool:
-    return bool(getattr(plugin, "requires_calibration_data", False))
+    return plugin.requires_calibration_data
 
 
 def is_sequential(plugin) -> bool:
-    return bool(getattr(plugin, "sequential", False))
-
-
-def observes_output(plugin) -> bool:
-    return bool(getattr(plugin, "observes_output", True))
+    return getattr(plugin, "sequential", False)
 
 
 def runs_distributed(plugin) -> bool:
     """The plugin's statistics are all `slimquant.stats.Statistic` objects and it searches nothing on data a single
     process holds, so a run on several processes gives what one process would (see slimquant.runtime.distributed)."""
-    return bool(getattr(plugin, "distributed", False))
+    return plugin.distributed
 
 
 def row_parallel(plugin) -> bool:
     """quantize_weight quantizes only `ctx.row_block(name)` of the Linear's rows when asked to (rows independent)."""
-    return bool(getattr(plugin, "row_parallel", False))
+    return getattr(plugin, "row_parallel", False)
 
 
 def linear_cost(plugin, rows: int, cols: int) -> float:
     """The plugin's estimate of the work of quantizing a rows x cols weight (rows x cols when it gives none)."""
-    estimate = getattr(plugin, "linear_cost", None)
-    return float(estimate(rows, cols)) if estimate is not None else float(rows * cols)
-
-
-def permutes_groups(plugin) -> bool:
-    return bool(getattr(plugin, "permutes_groups", False))
-
-
-def groups_from_sweep(plugin) -> bool:
-    return bool(getattr(plugin, "groups_from_sweep", False))
+    return float(plugin.linear_cost(rows, cols))
 
 
 def accepts_weight_grid(plugin_or_class) -> bool:
-    return bool(getattr(plugin_or_class, "accepts_weight_grid", False))
+    return getattr(plugin_or_class, "accepts_weight_grid", False)
 
 
 def observes(plugin, plan) -> bool:
-    if "observe" not in hooks_of(type(plugin)):
-        return False
-    declared = getattr(plugin, "observes", None)
-    if declared is None:
-        return plugin.name in (plan.weight_algorithm, plan.act_algorithm)
-    return bool(declared(plan))
+    return "observe" in hooks_of(type(plugin)) and bool(plugin.observes(plan))
 
 
 def aliases(plugin_class: type) -> dict[str, str]:
@@ -261,6 +252,7 @@ class AlgorithmPlan:
     exporters: PluginSet = field(default_factory=lambda: PluginSet({}))
     grid_algorithm: str | None = None  # the plugin whose weight_grid every Linear's codes are rounded onto
     cache: CachePlan | None = None  # the attention cache's quantization, when the recipe has a kv_cache section
+    transforms: list[str] = field(default_factory=list)  # model transforms, in recipe order
 
     @property
     def cache_algorithm(self) -> str | None:
@@ -274,12 +266,13 @@ class AlgorithmPlan:
         if name is None:
             problems += [f"save_type {fmt}: this format cannot hold a quantized KV cache; leave out kv_cache or save "
                          "in a format that holds one" for fmt, exporter in self.exporters.plugins.items()
-                         if not getattr(exporter, "holds_kv_cache", False)]
+                         if Feature.KV_CACHE not in exporter.holds]
         return problems
 
     def grid_for(self, weight_algorithm: str, grid: str | None = None) -> str | None:
         """The grid provider of a Linear quantized by `weight_algorithm`: an override's `grid` ("uniform": none),
-        else the algorithm's own when it provides a grid itself (an override naming nf4), else the recipe's."""
+        else the algorithm's own when it provides a grid itself (an override naming a grid provider), else the
+        recipe's."""
         if grid is not None:
             return None if grid == UNIFORM_GRID else grid
         if "weight_grid" in hooks_of(type(self.plugins.get(weight_algorithm))):
@@ -291,6 +284,8 @@ class AlgorithmPlan:
         plans = [p for p in plans if p is not None]
         if self.smoothers or (self.cache is not None and not self.cache.args.dynamic):
             return True
+        if any(requires_calibration_data(self.plugins.get(n)) for n in self.transforms):
+            return True
         for plugin in self.plugins.plugins.values():
             if requires_calibration_data(plugin) and any(plugin.name in (p.weight_algorithm, p.act_algorithm)
                                                          for p in plans):
@@ -300,11 +295,25 @@ class AlgorithmPlan:
         return False
 
     def linear_plan(self, scheme, weight_algorithm: str, grid: str | None = None):
+        """The Linear's plan, with the features its output will have (slimquant.features): the weight algorithm's,
+        the grid provider's, the transforms' and the scheme's own, each with who causes it."""
         from slimquant.runtime.plan import LinearPlan
 
-        grouped, plugin = scheme.weights.strategy == Strategy.GROUP, self.plugins.get(weight_algorithm)
-        return LinearPlan(scheme, weight_algorithm, self.act_algorithm, self.grid_for(weight_algorithm, grid),
-                          grouped and permutes_groups(plugin), groups_from_sweep(plugin))
+        plan = LinearPlan(scheme, weight_algorithm, self.act_algorithm, self.grid_for(weight_algorithm, grid))
+        features: dict[Feature, tuple[str, str]] = {}
+        if scheme.weights.channel_bits:
+            features[Feature.TWO_LEVEL_SCALES] = ("the scheme", "weights.channel_bits")
+        producers = dict.fromkeys([weight_algorithm, *([plan.grid_algorithm] if plan.grid_algorithm else []),
+                                   *self.transforms])
+        for name in producers:
+            plugin = self.plugins.get(name)
+            try:
+                declared = check_features(plugin.output_features(plan), f"plugin {name!r}")
+            except TypeError as exc:
+                raise PluginError(str(exc)) from None
+            for feature, setting in declared.items():
+                features.setdefault(feature, (name, setting))
+        return plan.with_features(features)
 
     def scheme_plans(self, recipe: Recipe) -> list:
         """One LinearPlan per scheme of the recipe (the base and each override), before any model is known."""
@@ -328,7 +337,7 @@ class AlgorithmPlan:
 
     def observe_before_run(self, observers: list[str]) -> bool:
         """Whether every one of these observing plugins does without the Linear's output (see ``observes_output``)."""
-        return not any(observes_output(self.plugins.get(n)) for n in observers)
+        return not any(self.plugins.get(n).observes_output for n in observers)
 
     def check(self, plan, name: str | None = None, shape: tuple[int, int] | None = None) -> list[str]:
         act = [plan.act_algorithm] if plan.scheme.activations else []
@@ -337,12 +346,19 @@ class AlgorithmPlan:
         quantizer = self.plugins.get(plan.weight_algorithm)
         if plan.scheme.weights.channel_bits and not accepts_weight_grid(quantizer):
             problems.append(f"{plan.weight_algorithm}: cannot choose codes on two-level scales (weights.channel_bits, "
-                            "W4A8_DYNAMIC per group): it does not declare accepts_weight_grid; use minmax or gptq")
+                            "W4A8_DYNAMIC per group): it does not declare accepts_weight_grid")
         if plan.scheme.weights.channel_bits and grid:
             problems.append(f"weights.channel_bits: two-level scales are for the uniform grid, not {grid[0]!r}'s")
         if grid and grid != [plan.weight_algorithm] and not accepts_weight_grid(quantizer):
             problems.append(f"{plan.weight_algorithm}: cannot round onto the weight grid of {plan.grid_algorithm!r} "
                             "(it does not declare accepts_weight_grid)")
+        features = plan.feature_map()
+        if grid and grid != [plan.weight_algorithm]:
+            made_by_quantizer = {f: who for f, who in features.items() if who[0] == plan.weight_algorithm}
+            problems += refusals(made_by_quantizer, self.plugins.get(grid[0]).holds, f"{grid[0]}: its grid ")
+        shown = {f: who for f, who in features.items() if f not in PLAN_ONLY}
+        for fmt, exporter in self.exporters.plugins.items():
+            problems += refusals(shown, exporter.holds, f"save_type {fmt}: this format ")
         for plugin in dict.fromkeys([plan.weight_algorithm, *grid, *act, *self.smoothers]):
             problems += [f"{plugin}: {p}" for p in self.plugins.call(plugin, "check", plan=plan, name=name,
                                                                      shape=shape) or []]
@@ -381,8 +397,29 @@ def load_exporters(formats: list[str]) -> dict[str, object]:
             cls = load_plugin_class(fmt, EXPORTERS)
         except PluginError as exc:
             raise RecipeError(f"save_type {fmt!r}: {exc}") from None
-        exporters[fmt] = cls(cls.Config())
+        exporters[fmt] = build_plugin(cls, cls.Config())
     return exporters
+
+
+def feature_problems(model, exporter, fmt: str) -> list[str]:
+    """At export: the features the model's quantized Linears hold that the format does not (a saved output
+    converted later was never planned for it), one line per feature with the Linears that have it."""
+    from slimquant.quant.fake_linear import FakeQuantLinear
+
+    found: dict[Feature, list[str]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, FakeQuantLinear):
+            for feature in features_of(module.qweight) - exporter.holds:
+                found.setdefault(feature, []).append(name)
+    return [f"save_type {fmt}: this format cannot hold {feature.meaning} ({feature.value}): {names[0]}"
+            + (f" and {len(names) - 1} other Linear(s)" if len(names) > 1 else "")
+            for feature, names in sorted(found.items(), key=lambda item: item[0].value)]
+
+
+def refuse_features(model, exporter, fmt: str) -> None:
+    problems = feature_problems(model, exporter, fmt)
+    if problems:
+        raise OutputError("; ".join(problems))
 
 
 def plan_algorithms(recipe: Recipe, formats: list[str] | None = None) -> AlgorithmPlan:
@@ -406,8 +443,8 @@ def plan_algorithms(recipe: Recipe, formats: list[str] | None = None) -> Algorit
             raise RecipeError(f"overrides.algorithm: {name!r} does not quantize weights")
     for name in override_grids:
         if "weight_grid" not in hooks_of(classes[name]):
-            raise RecipeError(f"overrides.grid: {name!r} provides no weight grid (name a plugin with weight_grid, such "
-                              f"as nf4 or kquant, or {UNIFORM_GRID!r})")
+            raise RecipeError(f"overrides.grid: {name!r} provides no weight grid (name a Grid plugin, or "
+                              f"{UNIFORM_GRID!r})")
 
     weight_algos = [n for n in specs if "quantize_weight" in hooks_of(classes[n]) and n not in override_algos]
     grid_algorithm, weight_algos = _grid_provider(weight_algos, classes)
@@ -422,10 +459,11 @@ def plan_algorithms(recipe: Recipe, formats: list[str] | None = None) -> Algorit
     plugins = {}
     for i, (name, cls) in enumerate(classes.items()):
         where = f"algorithms[{i}] ({name})" if name in specs else f"{name} arguments"
-        plugins[name] = cls(validate_args(cls, specs.get(name, {"name": name}), where))
+        plugins[name] = build_plugin(cls, validate_args(cls, specs.get(name, {"name": name}), where))
     smoothers = [n for n in specs if "smooth" in hooks_of(classes[n])]
+    transforms = [n for n in specs if "transform_model" in hooks_of(classes[n])]
     plan = AlgorithmPlan(PluginSet(plugins), smoothers, weight_algorithm, act_algorithm,
-                         PluginSet(load_exporters(formats or [])), grid_algorithm, cache)
+                         PluginSet(load_exporters(formats or [])), grid_algorithm, cache, transforms)
     _refuse_roleless(recipe, plan)
     check_schemes(recipe, plan)
     return plan
@@ -435,7 +473,7 @@ def _refuse_roleless(recipe: Recipe, plan: AlgorithmPlan) -> None:
     """Every algorithm the recipe names must get a role: one that gets none would never be called, and minmax
     would quantize in its place (a quantize_weight left without @hookimpl, an observe-only plugin)."""
     roles = {plan.weight_algorithm, plan.act_algorithm, plan.grid_algorithm, plan.cache_algorithm, *plan.smoothers,
-             *(o.algorithm for o in recipe.overrides), *(o.grid for o in recipe.overrides)}
+             *plan.transforms, *(o.algorithm for o in recipe.overrides), *(o.grid for o in recipe.overrides)}
     for i, spec in enumerate(recipe.algorithms):
         name = spec["name"]
         if name not in roles:
@@ -443,8 +481,7 @@ def _refuse_roleless(recipe: Recipe, plan: AlgorithmPlan) -> None:
             raise RecipeError(
                 f"algorithms[{i}]: {name!r} gets no role in this plan (hooks: {hooks}): it is not the weight "
                 f"algorithm ({plan.weight_algorithm}), the activation algorithm ({plan.act_algorithm}), a smoother, "
-                "the grid provider nor the cache algorithm; a plugin takes a role through one of the hooks "
-                f"{', '.join(ROLE_HOOKS)}, marked @hookimpl")
+                "a model transform, the grid provider nor the cache algorithm")
 
 
 def _plan_cache(recipe: Recipe, classes: dict[str, type], named: list[str]) -> CachePlan | None:
@@ -458,15 +495,36 @@ def _plan_cache(recipe: Recipe, classes: dict[str, type], named: list[str]) -> C
                 raise RecipeError(f"algorithms[{i}]: {name!r} quantizes the attention cache; add a `kv_cache` "
                                   "section (e.g. kv_cache: {bits: 8}) to use it")
         return None
-    if args.algorithm not in classes:
+    algorithm = args.algorithm or _default_cache_algorithm(classes, named)
+    if algorithm not in classes:
         try:
-            classes[args.algorithm] = load_plugin_class(args.algorithm)
+            classes[algorithm] = load_plugin_class(algorithm)
         except PluginError as exc:
             raise RecipeError(f"kv_cache.algorithm: {exc}") from None
-    if "quantize_cache" not in hooks_of(classes[args.algorithm]):
-        raise RecipeError(f"kv_cache.algorithm: {args.algorithm!r} does not quantize the attention cache (it has no "
-                          "quantize_cache hook)")
-    return CachePlan(args, args.algorithm)
+    if "quantize_cache" not in hooks_of(classes[algorithm]):
+        raise RecipeError(f"kv_cache.algorithm: {algorithm!r} does not quantize the attention cache (it is no "
+                          "CacheQuantizer)")
+    return CachePlan(args, algorithm)
+
+
+def _default_cache_algorithm(classes: dict[str, type], named: list[str]) -> str:
+    """The cache algorithm a kv_cache section that names none gets: the one named in `algorithms`, else the one
+    installed."""
+    in_recipe = [n for n in named if "quantize_cache" in hooks_of(classes[n])]
+    if len(in_recipe) == 1:
+        return in_recipe[0]
+    candidates = in_recipe
+    if not candidates:
+        for name in installed(ALGORITHMS):
+            try:
+                if "quantize_cache" in hooks_of(load_plugin_class(name)):
+                    candidates.append(name)
+            except PluginError:
+                continue
+    if len(candidates) != 1:
+        found = f"{len(candidates)} are: {', '.join(candidates)}" if candidates else "none is installed"
+        raise RecipeError(f"kv_cache.algorithm: name the plugin that quantizes the attention cache ({found})")
+    return candidates[0]
 
 
 def check_schemes(recipe: Recipe, algorithms: AlgorithmPlan) -> None:

@@ -92,8 +92,9 @@ def absmax(span: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     return torch.maximum(lo.abs(), hi.abs())
 
 
-def smooth_scales(act_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
-    """SmoothQuant's s = max|X|^alpha / max|W|^(1 - alpha) per channel; 1 where a channel is never used."""
+def migration_scales(act_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Per-channel scales s = max|X|^alpha / max|W|^(1 - alpha) that, dividing the activations and multiplying the
+    weights, move a share `alpha` of the range from one to the other; 1 where a channel is never used."""
     a, w = act_absmax.float(), w_absmax.float().to(act_absmax.device)
     s = (a.pow(alpha) / w.pow(1 - alpha)).clamp(min=1e-5)
     return torch.where((a > 0) & (w > 0) & torch.isfinite(s), s, torch.ones_like(s))

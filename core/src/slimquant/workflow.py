@@ -237,8 +237,13 @@ def _print_plan(console: Console, job: QuantizeJob, algorithms, data_free: bool)
                   f"  activations {scheme.activations.model_dump(mode='json') if scheme.activations else 'float'}")
     grid = algorithms.grid_algorithm
     on_grid = f" on the {grid} grid" if grid and grid != algorithms.weight_algorithm else ""
-    console.print(f"[bold]algorithms[/]: weights={algorithms.weight_algorithm}{on_grid} "
+    transforms = f"transforms={', '.join(algorithms.transforms)} " if algorithms.transforms else ""
+    console.print(f"[bold]algorithms[/]: {transforms}weights={algorithms.weight_algorithm}{on_grid} "
                   f"activations={algorithms.act_algorithm} smoothers={algorithms.smoothers or 'none'}")
+    features = algorithms.scheme_plans(r)[0].feature_map()
+    if features:
+        console.print("[bold]output holds[/]: " + "; ".join(f"{f.meaning} ({who}: {why})"
+                                                           for f, (who, why) in features.items()))
     c = r.calibration
     if data_free:
         console.print("[bold]calibration[/]: none, data-free (no plugin needs data and none was given): the weights "

@@ -135,13 +135,13 @@ def refusal(tmp_path, model, edit):
 def test_fractional_zero_points_are_refused(tmp_path):
     model = quantized("llama", {"weights": {"bits": 4, "symmetric": False, "group_size": 32}})
     name, msg = refusal(tmp_path, model, lambda f: f.weight_zero.add_(0.25))
-    assert f"{name}: fractional zero points (HQQ) cannot be stored" in msg
+    assert f"this format cannot hold fractional zero points (fractional_zeros): {name}" in msg
 
 
 def test_codebook_grids_are_refused(tmp_path):
     model = quantized("llama", {"weights": {"bits": 4, "symmetric": True, "group_size": 32}})
     name, msg = refusal(tmp_path, model, lambda f: setattr(f, "codebook", torch.linspace(-1, 1, 16)))
-    assert f"{name}: weights on a codebook grid (NF4) cannot be stored" in msg
+    assert f"cannot hold codes standing for a codebook's values (a non-uniform grid) (codebook): {name}" in msg
 
 
 def test_unequal_permuted_groups_are_refused(tmp_path):

@@ -115,15 +115,15 @@ def refusal(tmp_path, model, edit):
 def test_export_refusals(tmp_path):
     model = quantized(CASES["Q4_1"])
     name, msg = refusal(tmp_path, model, lambda f: f.weight_zero.add_(0.5))
-    assert f"{name}: fractional zero points (HQQ) cannot be stored" in msg
+    assert f"{name}: fractional zero points cannot be stored in Q4_1 / Q5_1 blocks exactly" in msg
     model = quantized(CASES["Q4_0"])
     name, msg = refusal(tmp_path, model, lambda f: setattr(f, "weight_scale", f.weight_scale * (1 + 2**-14)))
     assert f"{name}: weight scales are not exactly float16 (gguf's d)" in msg
     name, msg = refusal(tmp_path, quantized(CASES["Q4_0"]), lambda f: setattr(f, "codebook", torch.linspace(-1, 1, 16)))
-    assert f"{name}: weights on a codebook grid (NF4)" in msg
+    assert f"cannot hold codes standing for a codebook's values (a non-uniform grid) (codebook): {name}" in msg
     g_idx = torch.arange(64, dtype=torch.int32).flip(0) // 32
     name, msg = refusal(tmp_path, quantized(CASES["Q4_0"]), lambda f: setattr(f, "g_idx", g_idx))
-    assert f"{name}: permuted groups (act-order g_idx) cannot be stored" in msg
+    assert f"cannot hold groups permuted over the input channels (g_idx) (permuted_groups): {name}" in msg
     _, msg = refusal(tmp_path, quantized(CASES["Q8_0"], arch="qwen2"), lambda f: None)
     assert "the model is a 'qwen2' model; the gguf exporter writes Llama-architecture models" in msg
 
@@ -158,7 +158,9 @@ def test_permuted_groups_are_refused_before_quantizing():
     from slimquant.plugins import plan_algorithms
 
     weights = {"bits": 4, "symmetric": True, "group_size": 32, "scale_dtype": "float16"}
-    with pytest.raises(RecipeError, match="gptq: permutes the groups over the input channels"):
+    with pytest.raises(RecipeError, match=r"save_type gguf: this format cannot hold groups permuted over the input "
+                                          r"channels \(g_idx\) \(permuted_groups\), which gptq produces \(act_order: "
+                                          r"true with static_groups: false\)"):
         plan_algorithms(Recipe.model_validate({"weights": weights, "algorithms": ["gptq"]}), formats=["gguf"])
     for gptq in ({"name": "gptq", "static_groups": True}, {"name": "gptq", "act_order": False}):
         plan_algorithms(Recipe.model_validate({"weights": weights, "algorithms": [gptq]}), formats=["gguf"])

@@ -140,7 +140,9 @@ def test_an_override_mixes_k_types_with_uniform_blocks(tmp_path):
     ({"weights": {"bits": 5}}, "weights.bits: kquant has Q4_K (bits: 4) and Q6_K (bits: 6), not 5-bit"),
     ({"weights": {"bits": 4, "group_size": 64}}, "weights.group_size: q4_k has groups of 32"),
     ({"weights": {"bits": 6, "scale_dtype": "float16"}}, "weights.scale_dtype: q6_k's scales are float16 d"),
-    ({"weights": {"bits": 4}, "algorithms": ["kquant", "gptq"]}, "set gptq's static_groups: true"),
+    ({"weights": {"bits": 4}, "algorithms": ["kquant", "gptq"]},
+     "kquant: its grid cannot hold group scales chosen part way through a sweep, from each group's own columns "
+     "(sweep_groups), which gptq produces (static_groups: false)"),
     ({"weights": {"bits": 4}, "overrides": [{"targets": ["*down_proj"], "grid": "gptq"}]},
      "overrides.grid: 'gptq' provides no weight grid"),
 ])

@@ -132,7 +132,7 @@ def test_what_the_format_lacks_is_refused(tmp_path):
     model = quantized("llama", {"bits": 4, "symmetric": False, "group_size": 32})
     name, fake = next(iter(fakes(model).items()))
     fake.weight_zero.add_(0.25)
-    assert f"{name}: fractional zero points (HQQ) cannot be stored" in refused(tmp_path, model, "gptq-v2")
+    assert f"cannot hold fractional zero points (fractional_zeros): {name}" in refused(tmp_path, model, "gptq-v2")
 
 
 def test_the_plan_check_refuses_before_quantizing():

@@ -7,7 +7,7 @@ import torch
 import slimquant
 from slimquant.errors import RecipeError
 from slimquant.plugins import plan_algorithms
-from slimquant.quant.fake_linear import FakeQuantLinear
+from slimquant.sdk import Feature, features_of
 from slimquant.testing import ARCHS, check_plugin, tiny_model, token_samples
 from slimquant_sparse import SparsePlugin, SparseSettings, magnitude_prune_quantize
 
@@ -67,16 +67,22 @@ def test_msmodelslim_co_sparse_without_the_plugin_says_what_to_install(monkeypat
 
 
 def test_other_exporters_refuse_outliers():
-    from slimquant_compressed_tensors.schemes import weight_problems as compressed_tensors_problems
-    from slimquant_gguf.checks import module_problems as gguf_problems
+    """Outliers are an output feature (slimquant.sdk.Feature) the sparse plugin declares when fraction > 0: the
+    formats that do not hold them are refused at plan time, before any model is loaded."""
+    from slimquant.config.recipe import Recipe
 
     w = torch.randn(32, 64) * 0.05
     w[0, 0] = 3.0
     qw = magnitude_prune_quantize(w, SparseSettings(bits=8, group_size=32, fraction=0.01))
-    assert qw.outliers is not None
-    fake = FakeQuantLinear(qw, None, None)
-    assert any("outliers" in p for p in compressed_tensors_problems("lin", fake, torch.float32))
-    assert any("outliers" in p for p in gguf_problems("lin", fake))
+    assert features_of(qw) == {Feature.SPARSITY, Feature.OUTLIERS}
+    recipe = Recipe.model_validate({"weights": {"bits": 8, "group_size": 32, "scale_dtype": "float16"},
+                                    "algorithms": [{"name": "sparse", "method": "magnitude", "fraction": 0.01}]})
+    for fmt in ("compressed-tensors", "gguf", "gptq"):
+        with pytest.raises(RecipeError, match=rf"save_type {fmt}: this format cannot hold 16-bit outlier weights "
+                                              r"beside the codes \(outliers\), which sparse produces "
+                                              r"\(fraction: 0.01\)"):
+            plan_algorithms(recipe, formats=[fmt])
+    plan_algorithms(recipe, formats=["safe_tensor"])
 
 
 @pytest.mark.parametrize("index,values,problem", [

@@ -22,6 +22,7 @@ from slimquant.hookspecs import hookimpl
 from slimquant.quant.actparams import ActQParams
 from slimquant.quant.math import fake_quantize, range_to_qparams, round_to_nearest, search_clip_ratio, signed_scale
 from slimquant.quant.observers import Histogram, MinMax, TokenSample
+from slimquant.roles import ActivationQuantizer, WeightQuantizer
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +37,10 @@ class MinMaxConfig(BaseModel):
     sample_tokens: int = Field(2048, ge=16, description="tokens kept per Linear to choose ranges (act_method 3)")
 
 
-class MinMaxPlugin:
+class MinMaxPlugin(WeightQuantizer, ActivationQuantizer):
     name = "minmax"
     Config = MinMaxConfig
     requires_calibration_data = False  # weights need none; static activation ranges come from `observes`
-    observes_output = False  # observe reads the Linear's input only
     accepts_weight_grid = True  # rounds onto another plugin's grid (ctx.grid) when the plan has one
     distributed = True  # its activation ranges are Statistics (min/max over processes)
     row_parallel = True  # each row (or group) rounds alone: a process rounds its block (ctx.row_block)

@@ -6,8 +6,6 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-DEFAULT_CACHE_ALGORITHM = "kvcache"
-
 
 class KVCacheArgs(BaseModel):
     """Keys (after the rotary embedding) and values of every attention layer, fake-quantized to `bits` integers.
@@ -22,7 +20,8 @@ class KVCacheArgs(BaseModel):
     strategy: Literal["head", "tensor", "channel", "token"] = "head"
     symmetric: bool = False
     dynamic: bool = False
-    algorithm: str = Field(DEFAULT_CACHE_ALGORITHM, description="the plugin that chooses the cache scales")
+    algorithm: str | None = Field(None, description="the plugin that chooses the cache scales; default: the cache "
+                                                    "algorithm named in `algorithms`, else the one installed")
 
     @model_validator(mode="after")
     def _dynamic_is_per_token(self) -> KVCacheArgs:

@@ -80,7 +80,7 @@ class LayerOverride(BaseModel):
     weight_only: bool = False
     algorithm: str | None = Field(None, description="the weight algorithm for these Linears")
     grid: str | None = Field(None, description="the plugin whose weight grid these Linears' codes are rounded onto "
-                             "(as it would be in algorithms, e.g. kquant or nf4), or 'uniform' for the integer grid; "
+                             "(a Grid plugin, as it would be named in algorithms), or 'uniform' for the integer grid; "
                              "default: the recipe's")
 
 

@@ -28,7 +28,7 @@ class WeightArgs(BaseModel):
     symmetric_scale: Literal["signed", "absmax"] = Field(
         "signed", description="symmetric weights: 'signed' scales each group by its weight of largest magnitude, sign "
                               "kept, over -2^(bits-1), so that weight is code -2^(bits-1) and every code is used "
-                              "(llama.cpp's Q4_0 rule; negative where that weight is positive); 'absmax' by "
+                              "(negative where that weight is positive); 'absmax' by "
                               "max|w| / (2^(bits-1) - 1), positive, code -2^(bits-1) unused")
     strategy: Strategy | None = None
     group_size: int | None = Field(None, description="input channels per scale; the last group may be shorter")
@@ -37,7 +37,7 @@ class WeightArgs(BaseModel):
                                       "channel_bits integers, and per group a scale on those (weight_scale_second)")
     scale_dtype: Literal["float32", "float16"] = Field(
         "float32", description="float16: after quantizing, round each scale so that a format storing float16 scale "
-                               "and float16 offset (scale * unsigned zero, GGUF's Q4_1 min) holds it exactly")
+                               "and float16 offset (scale * unsigned zero) holds it exactly")
 
     @model_validator(mode="before")
     @classmethod

@@ -27,7 +27,7 @@ from slimquant.export.atomic import (
     check_output_dir,
     remove_stale_siblings,
 )
-from slimquant.plugins import EXPORTERS, PluginSet, installed, load_exporters
+from slimquant.plugins import EXPORTERS, PluginSet, installed, load_exporters, refuse_features
 
 __all__ = ["OutputReservation", "atomic_output_dir", "check_save_args", "formats_installed", "save_quantized"]
 
@@ -77,6 +77,8 @@ def save_quantized(model: nn.Module, output_dir: str | os.PathLike, save_type: s
     options = {"part_file_size": part_file_size, "linear_types": linear_types, "pack_int4": pack_int4}
     written: set[Path] = set()
     with atomic_output_dir(final, overwrite, reservation) as tmp:
+        for fmt in formats:  # what no format can hold is refused before any of them writes
+            refuse_features(model, exporters.get(fmt), fmt)
         for fmt in formats:
             beside = _entries(tmp.parent)
             try:

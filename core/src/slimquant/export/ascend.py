@@ -9,18 +9,19 @@ from pydantic import BaseModel, ConfigDict
 
 from slimquant.export.layout import build_layout
 from slimquant.export.writers import write_description, write_numpy, write_safetensors
+from slimquant.features import Feature
 from slimquant.hookspecs import hookimpl
+from slimquant.roles import Exporter
 
 FORMATS = ("safe_tensor", "numpy")
 
 
-class _AscendLayout:
+class _AscendLayout(Exporter):
     """quant_model_weight_<type>.safetensors (or shards + index) / <kind>.npz files, and
     quant_model_description_<type>.json. Options: part_file_size (GiB, 0 = one file), linear_types
     (QuantizationReport.linear_types(), checked against the model), pack_int4 (default True)."""
 
-    name = ""
-    holds_kv_cache = True  # kv_cache_scale / kv_cache_offset
+    holds = frozenset(Feature) - {Feature.ONLINE_TRANSFORM}  # kv_cache_scale / offset, g_idx, codebooks, ...
 
     def __init__(self, config: BaseModel | None = None):
         self.config = config

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from slimquant.config.recipe import LayerOverride, Recipe
 from slimquant.config.scheme import PRESETS, Scheme, merge_args
 from slimquant.errors import RecipeError
+from slimquant.features import Feature
 
 
 @dataclass(frozen=True)
@@ -27,19 +28,26 @@ class LinearPlan:
       recipe names another); used only when ``scheme.activations`` is set.
     - ``grid_algorithm``: the plugin whose ``weight_grid`` the codes are rounded onto (``ctx.grid(name)``); None for
       the uniform integer grid. It may equal ``weight_algorithm`` (a grid provider named alone quantizes too).
-    - ``permuted_groups``: the weight algorithm declares ``permutes_groups`` and the scheme quantizes per group, so
-      the result's ``g_idx`` may order the groups other than contiguously; a format holding contiguous groups only
-      refuses it in ``check``.
-    - ``groups_from_sweep``: the weight algorithm declares ``groups_from_sweep`` (group scales chosen from each
-      group's columns part way through a sweep); a grid whose groups share numbers across a row refuses it.
+    - ``features``: what the Linear's quantized output will have beyond plain uniform codes (slimquant.features),
+      as ``(Feature, plugin, setting)`` triples: who produces each and why; ``feature_map()`` gives them as a dict,
+      ``has(feature)`` tests one. The core checks them against the grid's and each exporter's ``holds``.
     """
 
     scheme: Scheme
     weight_algorithm: str
     act_algorithm: str
     grid_algorithm: str | None = None  # the plugin whose weight_grid the codes are rounded onto (None: uniform)
-    permuted_groups: bool = False  # the weight algorithm may permute the groups (g_idx): see hookspecs' permutes_groups
-    groups_from_sweep: bool = False  # group scales chosen from part of the weight: see hookspecs' groups_from_sweep
+    features: tuple[tuple[Feature, str, str], ...] = ()
+
+    def feature_map(self) -> dict[Feature, tuple[str, str]]:
+        return {feature: (plugin, setting) for feature, plugin, setting in self.features}
+
+    def has(self, feature: Feature) -> bool:
+        return any(f == feature for f, _, _ in self.features)
+
+    def with_features(self, features: dict[Feature, tuple[str, str]]) -> LinearPlan:
+        triples = tuple(sorted(((f, p, s) for f, (p, s) in features.items()), key=lambda t: t[0].value))
+        return replace(self, features=triples)
 
 
 def name_matches(pattern: str, name: str) -> bool:

@@ -19,6 +19,7 @@ from slimquant.config.scheme import Scheme
 from slimquant.errors import RecipeError
 from slimquant.model.structure import find_decoder_layers, float_module_names, layer_linears, normalize_linears
 from slimquant.runtime.cache_pass import check_cache_plan
+from slimquant.runtime.model_context import ModelContext
 from slimquant.runtime.plan import LinearPlan, check_group_sizes, plan_linears
 
 MAX_LISTED = 8
@@ -57,7 +58,18 @@ def plan_model(model: nn.Module, recipe: Recipe, algorithms) -> PlannedModel:
     if algorithms.cache is not None:
         check_cache_plan(model, layers, prefix, algorithms)
     check_linear_plans(algorithms, plans, linears)
+    check_transforms(model, prefix, layers, plans, algorithms)
     return PlannedModel(prefix, layers, linears, plans)
+
+
+def check_transforms(model: nn.Module, prefix: str, layers: nn.ModuleList, plans: dict, algorithms) -> None:
+    """Each model transform's `check_model` on the model's structure (weightless before loading)."""
+    problems = []
+    for name in algorithms.transforms:
+        ctx = ModelContext(model, prefix, layers, dict(plans), torch.device("meta"), current=name)
+        problems += [f"{name}: {p}" for p in algorithms.plugins.call(name, "check_model", ctx=ctx) or []]
+    if problems:
+        raise RecipeError("the model transforms cannot rewrite this model: " + "; ".join(problems))
 
 
 def check_linear_plans(algorithms, plans: dict[str, LinearPlan | None], linears: dict[str, nn.Linear]) -> None:

@@ -6,13 +6,14 @@
         check_plugin(MyAlgo, args={"strength": 0.5}, scheme="W4A16")
 
 For an algorithm it checks the declaration (name, a Config that refuses unknown keys, hooks whose signatures match the
-hook specs, no method named after a hook left without @hookimpl, a hook that gives it a role in a plan, capabilities
-of the right types, the entry point when one is installed), then quantizes a tiny random model of each test
+hook specs, no method named after a hook left without @hookimpl, a role base with its hook for each role it takes and
+no hook outside them, capabilities of the right types and no misspelt one, the entry point when one is installed),
+then quantizes a tiny random model of each test
 architecture with the plugin — from calibration samples when the recipe requires data, data-free otherwise — and
 checks that every planned Linear became a fake-quantized Linear with finite logits, that save -> load gives the same
 logits, and, for a plugin that declares `distributed`, that it keeps nothing but `Statistic`s in `ctx.state`. A
-data-free weight algorithm is then run again on every architecture behind smoothquant, when that plugin is installed
-and the recipe is not calibrated already: the calibrated path, on weights a smoother rewrote.
+data-free weight algorithm is then run again on every architecture behind an installed smoother that needs calibration
+data, when the recipe is not calibrated already: the calibrated path, on weights a smoother rewrote.
 
 For an exporter (a class with an `export` hook, installed under `slimquant.exporters`) it checks the declaration, then
 quantizes a tiny model of each architecture with `scheme` (and `extra_algorithms`), saves it with the exporter
@@ -32,23 +33,19 @@ import torch
 from pydantic import BaseModel
 
 from slimquant import hookspecs
+from slimquant.errors import PluginError
 from slimquant.plugins import (
-    ALGORITHM_HOOKS,
     ALGORITHMS,
     EXPORTERS,
     HOOK_NAMES,
-    ROLE_HOOKS,
     PluginSet,
     hooks_of,
     installed,
     load_plugin_class,
     requires_calibration_data,
 )
+from slimquant.roles import Smoother, capability_problems, role_problems
 from slimquant.testing.models import ARCHS, tiny_model, token_samples
-
-ALIAS_KEYS = ("msmodelslim.w_method", "msmodelslim.anti_method", "msmodelslim.sparse", "paddleslim")
-CALIBRATED_COMPANION = "smoothquant"  # the calibrated plugin a data-free weight algorithm is also run behind
-FLAGS = ("requires_calibration_data", "sequential", "distributed", "row_parallel")
 
 
 class ContractError(AssertionError):
@@ -77,23 +74,15 @@ def check_declaration(cls: type, group: str = ALGORITHMS) -> None:
     hooks = hooks_of(cls)
     unmarked = [h for h in HOOK_NAMES if h not in hooks and callable(getattr(cls, h, None))]
     _require(not unmarked, f"{name}: {', '.join(unmarked)} is not marked @hookimpl: the runtime never calls it")
-    expected = ("export",) if group == EXPORTERS else ALGORITHM_HOOKS
-    _require(bool(set(hooks) & set(expected)), f"{name}: implements none of {', '.join(expected)}")
-    if group == ALGORITHMS:
-        _require(bool(set(hooks) & set(ROLE_HOOKS)),
-                 f"{name}: implements only {', '.join(hooks)}, so it gets no role in a plan: a weight algorithm "
-                 f"needs quantize_weight, a smoother smooth (one of {', '.join(ROLE_HOOKS)})")
-    PluginSet({name: cls(config(name=name))})  # pluggy checks each hook's arguments against its spec
-    for flag in FLAGS:
-        _require(isinstance(getattr(cls, flag, False), bool), f"{name}.{flag} must be a bool")
-    observes = getattr(cls, "observes", None)
-    _require(observes is None or callable(observes), f"{name}.observes must be a method observes(plan) -> bool")
-    aliases = getattr(cls, "aliases", {})
-    _require(isinstance(aliases, dict) and all(k in ALIAS_KEYS and isinstance(v, str) for k, v in aliases.items()),
-             f"{name}.aliases must map some of {', '.join(ALIAS_KEYS)} to strings")
+    problems = role_problems(cls, hooks, exporter=group == EXPORTERS)
+    _require(not problems, "; ".join(problems))
+    plugin = cls(config(name=name))
+    PluginSet({name: plugin})  # pluggy checks each hook's arguments against its spec
+    problems = capability_problems(plugin)
+    _require(not problems, "; ".join(problems))
     if name in installed(group):
         _require(load_plugin_class(name, group) is cls, f"{name}: the installed entry point names another class")
-    _require(hookspecs.CONTRACT_VERSION == 2, "this check is for contract version 2")
+    _require(hookspecs.CONTRACT_VERSION == 3, "this check is for contract version 3")
 
 
 def _recipe(algorithms: list, scheme: str | dict) -> dict:
@@ -145,16 +134,31 @@ def check_run(cls: type, args: dict | None = None, scheme: str | dict = "W4A16",
     return changes
 
 
+def calibrated_smoother() -> str | None:
+    """An installed smoother that needs calibration data: of those, one that declares `distributed` (its state is
+    statistics only, the lightest) before the others, then by name."""
+    found = []
+    for name in installed(ALGORITHMS):
+        try:
+            cls = load_plugin_class(name)
+        except PluginError:
+            continue
+        if issubclass(cls, Smoother) and cls.requires_calibration_data and "quantize_weight" not in hooks_of(cls):
+            found.append((not cls.distributed, name))
+    return min(found)[1] if found else None
+
+
 def _calibrated_companion(cls: type, args: dict | None, scheme: str | dict,
                           extra_algorithms: list | None) -> str | None:
-    """The calibrated plugin a data-free weight algorithm is run behind as well, when installed and when the recipe
-    is not calibrated already."""
+    """The calibrated smoother a data-free weight algorithm is run behind as well, when one is installed and the
+    recipe is not calibrated already."""
     if requires_calibration_data(cls) or "quantize_weight" not in hooks_of(cls):
         return None
-    if CALIBRATED_COMPANION not in installed(ALGORITHMS):
+    companion = calibrated_smoother()
+    if companion is None:
         return None
     alone = _recipe([*(extra_algorithms or []), {"name": cls.name, **(args or {})}], scheme)
-    return None if _needs_data(alone) else CALIBRATED_COMPANION
+    return None if _needs_data(alone) else companion
 
 
 def _entries(folder: Path) -> set[str]:

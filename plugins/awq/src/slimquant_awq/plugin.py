@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from slimquant.sdk import (
     Reduce,
+    Smoother,
     Statistic,
     effective_group_size,
     fake_quantize_weight,
@@ -71,11 +72,10 @@ class MeanAbs(Statistic):
         return self.total / max(self.tokens, 1)
 
 
-class AWQPlugin:
+class AWQPlugin(Smoother):
     name = "awq"
     Config = AWQConfig
     requires_calibration_data = True
-    observes_output = False  # observe reads the Linear's input only
     aliases = {"msmodelslim.w_method": "AWQ", "msmodelslim.anti_method": "m3"}
 
     def __init__(self, config: AWQConfig):

@@ -9,7 +9,9 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from slimquant.sdk import (
+    Exporter,
     FakeQuantLinear,
+    Feature,
     OutputError,
     check_structure,
     float_tensors,
@@ -25,8 +27,9 @@ from slimquant_compressed_tensors.schemes import spec_from_module, spec_from_pla
 from slimquant_compressed_tensors.tensors import linear_tensors
 
 
-class CompressedTensorsExporter:
+class CompressedTensorsExporter(Exporter):
     name = "compressed-tensors"
+    holds = frozenset({Feature.PERMUTED_GROUPS, Feature.QUANTIZED_SCALES, Feature.TWO_LEVEL_SCALES, Feature.SPARSITY})
 
     class Config(BaseModel):
         model_config = ConfigDict(extra="forbid")

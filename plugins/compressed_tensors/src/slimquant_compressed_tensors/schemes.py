@@ -93,17 +93,9 @@ def exact_in(t: torch.Tensor, dtype: torch.dtype) -> bool:
 
 
 def weight_problems(name: str, module: FakeQuantLinear, dtype: torch.dtype) -> list[str]:
-    """What only the quantized tensors show: grids, zero points and scales the format cannot hold exactly."""
+    """What only the quantized tensors show: groups and scales the format cannot hold exactly (the features it
+    does not hold are refused by the core before export)."""
     qw, problems = module.qweight, []
-    if qw.codebook is not None:
-        problems.append(f"{name}: weights on a codebook grid (NF4) cannot be stored; compressed-tensors holds "
-                        "uniform integer grids only")
-    if qw.outliers is not None:
-        problems.append(f"{name}: 16-bit outliers (sparse fraction) cannot be stored; compressed-tensors has no "
-                        "sparse residual")
-    if qw.zero is not None and not torch.equal(qw.zero, torch.round(qw.zero)):
-        problems.append(f"{name}: fractional zero points (HQQ) cannot be stored; compressed-tensors' "
-                        "weight_zero_point is an integer")
     if qw.permuted_groups:
         counts = torch.bincount(qw.g_idx.cpu().long(), minlength=qw.scale.shape[1])
         if not bool((counts == qw.group_size).all()):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from slimquant.sdk import FakeQuantLinear
+from slimquant.sdk import FakeQuantLinear, Feature
 from slimquant_gguf.blocks import BLOCK, block_params, quant_type
 from slimquant_gguf.kblocks import k_problem, written_as_k
 from slimquant_gguf.kquant_plugin import KQuantPlugin
@@ -39,12 +39,10 @@ def plan_problems(plan, name: str | None, shape: tuple[int, int] | None) -> list
     w = plan.scheme.weights
     group = w.group_size if w.strategy == "group" else None
     problems = weight_problems(w.bits, w.symmetric, group, plan.scheme.activations is not None, name, shape)
-    if w.channel_bits:
-        problems.append("weights.channel_bits: two-level scales (W4A8_DYNAMIC per group) have no gguf block type")
-    if plan.permuted_groups:
-        problems.append(f"{plan.weight_algorithm}: permutes the groups over the input channels (act order, g_idx), "
-                        "which contiguous gguf blocks cannot hold; keep the groups contiguous (gptq: static_groups: "
-                        "true, or act_order: false)")
+    if plan.has(Feature.FRACTIONAL_ZEROS):
+        producer, setting = plan.feature_map()[Feature.FRACTIONAL_ZEROS]
+        problems.append(f"{producer}: makes fractional zero points ({setting}), which Q4_1 / Q5_1 blocks cannot hold "
+                        f"(only the {K_GRID} grid's K types can)")
     if w.scale_dtype != "float16":
         problems.append("weights.scale_dtype: gguf stores float16 scales; set scale_dtype: float16 so that the "
                         "quantized model uses exactly the scales the file holds")
@@ -63,18 +61,8 @@ def module_problems(name: str, module: FakeQuantLinear) -> list[str]:
     problems = weight_problems(qw.bits, qw.symmetric, qw.group_size, module.act is not None, name, tuple(qw.shape))
     if problems:
         return problems
-    if qw.codebook is not None:
-        problems.append(f"{name}: weights on a codebook grid (NF4) have no gguf block type here")
-    if qw.two_level is not None:
-        problems.append(f"{name}: two-level scales (W4A8_DYNAMIC per group) have no gguf block type")
-    if qw.outliers is not None:
-        problems.append(f"{name}: 16-bit outliers (sparse fraction) have no gguf block type; gguf blocks are dense")
     if qw.zero is not None and not torch.equal(qw.zero, torch.round(qw.zero)):
-        problems.append(f"{name}: fractional zero points (HQQ) cannot be stored in Q4_1 / Q5_1 blocks exactly")
-    if qw.permuted_groups:
-        problems.append(f"{name}: permuted groups (act-order g_idx) cannot be stored; gguf blocks are contiguous")
-    if problems:
-        return problems
+        return [f"{name}: fractional zero points cannot be stored in Q4_1 / Q5_1 blocks exactly"]
     d, m = block_params(qw)
     if not _exact_half(d):
         problems.append(f"{name}: weight scales are not exactly float16 (gguf's d); quantize with weights."

@@ -11,7 +11,16 @@ from typing import Literal
 import gguf
 from pydantic import BaseModel, ConfigDict
 
-from slimquant.sdk import FakeQuantLinear, OutputError, QuantizedWeight, hookimpl, kv_attention, summarize
+from slimquant.sdk import (
+    Exporter,
+    FakeQuantLinear,
+    Feature,
+    OutputError,
+    QuantizedWeight,
+    hookimpl,
+    kv_attention,
+    summarize,
+)
 from slimquant_gguf.blocks import TYPES, encode_blocks
 from slimquant_gguf.checks import module_problems, plan_problems
 from slimquant_gguf.kblocks import encode_k_blocks, written_as_k
@@ -43,9 +52,11 @@ def _permuted(qw: QuantizedWeight, heads: int | None) -> QuantizedWeight:
     return QuantizedWeight(rows(qw.codes), rows(qw.scale), rows(qw.zero), qw.bits, qw.group_size)
 
 
-class GGUFExporter:
+class GGUFExporter(Exporter):
     name = "gguf"
-    scale_dtype = "float16"  # the file stores float16 scales (slimquant.hookspecs)
+    scale_dtype = "float16"
+    # K-quant super-blocks (their mins make fractional zero points; Q4_1 / Q5_1 refuse them in check); pruned codes
+    holds = frozenset({Feature.QUANTIZED_SCALES, Feature.FRACTIONAL_ZEROS, Feature.SPARSITY})
 
     class Config(BaseModel):
         model_config = ConfigDict(extra="forbid")

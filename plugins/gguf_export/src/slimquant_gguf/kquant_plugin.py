@@ -16,7 +16,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from slimquant.sdk import hookimpl, round_to_nearest
+from slimquant.sdk import Grid, WeightQuantizer, hookimpl, round_to_nearest
 from slimquant_gguf.kquants import GRIDS, SUPER_BLOCK
 
 
@@ -26,10 +26,10 @@ class KQuantConfig(BaseModel):
     name: Literal["kquant"] = "kquant"
 
 
-class KQuantPlugin:
+class KQuantPlugin(Grid, WeightQuantizer):
     name = "kquant"
     Config = KQuantConfig
-    requires_calibration_data = False
+    holds = frozenset()  # K-quant groups share their super-block's d: scales chosen group by group cannot be held
 
     def __init__(self, config: KQuantConfig | None = None):
         self.config = config or KQuantConfig()
@@ -46,15 +46,9 @@ class KQuantPlugin:
         if explicit and (weights.strategy != "group" or weights.group_size != grid.group):
             problems.append(f"weights.group_size: {grid.type_name} has groups of {grid.group}; set group_size: "
                             f"{grid.group} or leave it out")
-        if weights.channel_bits:
-            problems.append("weights.channel_bits: K-quant scales are a float16 per 256 columns times 6- or 8-bit "
-                            "integers, not two-level per channel")
         if weights.scale_dtype != "float32":
             problems.append(f"weights.scale_dtype: {grid.type_name}'s scales are float16 d times integers, which "
                             "float16 rounding would move; leave scale_dtype float32")
-        if plan.groups_from_sweep:
-            problems.append(f"{plan.weight_algorithm}: chooses each group's scale part way through its sweep, but "
-                            f"{grid.type_name}'s groups share their super-block's d; set gptq's static_groups: true")
         if shape is not None and shape[1] % SUPER_BLOCK:
             problems.append(f"weights: {name} has {shape[1]} input channels, not whole {SUPER_BLOCK}-column "
                             f"super-blocks of {grid.type_name}; give it a uniform scheme with an override (llama.cpp "

@@ -10,7 +10,7 @@ columns, and a super-block's group scales (and Q4_K's group minimums) are small 
 sc 63 (Q4_K) or -128 (Q6_K, sign kept). The scales the weight algorithm rounds the codes with are then exactly
 d * sc, so the gguf file holds these codes and integers (slimquant_gguf.kblocks recovers the integers).
 The super-block needs the whole row: a weight algorithm that asks for one group's scale during a sweep (GPTQ
-without static_groups) is refused (`LinearPlan.groups_from_sweep`).
+without static_groups, output feature `sweep_groups`) is refused: the kquant grid's `holds` is empty.
 """
 
 from __future__ import annotations

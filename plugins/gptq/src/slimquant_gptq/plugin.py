@@ -9,8 +9,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from slimquant.sdk import (
+    Feature,
     QuantizedWeight,
     Strategy,
+    WeightQuantizer,
     accumulate_shared,
     hookimpl,
     quantize_weight_with,
@@ -36,11 +38,10 @@ class GPTQConfig(BaseModel):
     mse: bool = Field(True, description="grid-search each group's clipping range instead of min-max")
 
 
-class GPTQPlugin:
+class GPTQPlugin(WeightQuantizer):
     name = "gptq"
     Config = GPTQConfig
     requires_calibration_data = True  # the Hessian of each Linear's inputs
-    observes_output = False  # observe reads the Linear's input only
     accepts_weight_grid = True  # [nf4, gptq]: GPTQ's error feedback onto the plan's grid (ctx.grid)
     distributed = True  # its Hessians are Statistics: summed over processes
     row_parallel = True  # rows are independent given H: each process sweeps its block (ctx.row_block)
@@ -49,8 +50,6 @@ class GPTQPlugin:
     def __init__(self, config: GPTQConfig):
         self.config = config
         self.sequential = config.true_sequential
-        self.permutes_groups = config.act_order and not config.static_groups  # g_idx: groups formed in sweep order
-        self.groups_from_sweep = not config.static_groups
 
     @hookimpl
     def check(self, plan, name, shape):
@@ -60,6 +59,14 @@ class GPTQPlugin:
 
     def observes(self, plan) -> bool:
         return plan.weight_algorithm == self.name
+
+    def output_features(self, plan) -> dict:
+        features = {}
+        if not self.config.static_groups:
+            features[Feature.SWEEP_GROUPS] = "static_groups: false"
+            if self.config.act_order and plan.scheme.weights.strategy == Strategy.GROUP:
+                features[Feature.PERMUTED_GROUPS] = "act_order: true with static_groups: false"
+        return features
 
     def linear_cost(self, rows: int, cols: int) -> float:
         """Work of one sweep, in units of one weight's share of it: the sweep and clip search over every weight,

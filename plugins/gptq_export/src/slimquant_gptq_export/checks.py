@@ -32,8 +32,6 @@ def weight_problems(bits: int, has_act: bool, name: str | None, shape: tuple[int
 def plan_problems(plan, name: str | None, shape: tuple[int, int] | None) -> list[str]:
     w = plan.scheme.weights
     problems = weight_problems(w.bits, plan.scheme.activations is not None, name, shape)
-    if w.channel_bits:
-        problems.append("weights.channel_bits: two-level scales (W4A8_DYNAMIC per group) have no GPTQ tensor")
     if w.scale_dtype != "float16":
         problems.append("weights.scale_dtype: GPTQ checkpoints store float16 scales; set scale_dtype: float16 so "
                         "that the quantized model uses exactly the scales the file holds")
@@ -47,14 +45,6 @@ def _exact_half(t: torch.Tensor) -> bool:
 def module_problems(name: str, module: FakeQuantLinear, v2: bool) -> list[str]:
     qw = module.qweight
     problems = weight_problems(qw.bits, module.act is not None, name, tuple(qw.shape))
-    if qw.codebook is not None:
-        problems.append(f"{name}: weights on a codebook grid (NF4) have no GPTQ tensor; GPTQ grids are uniform")
-    if qw.two_level is not None:
-        problems.append(f"{name}: two-level scales (W4A8_DYNAMIC per group) have no GPTQ tensor")
-    if qw.outliers is not None:
-        problems.append(f"{name}: 16-bit outliers (sparse fraction) have no GPTQ tensor")
-    if qw.zero is not None and not torch.equal(qw.zero, torch.round(qw.zero)):
-        problems.append(f"{name}: fractional zero points (HQQ) cannot be stored; qzeros holds integers")
     if problems:
         return problems
     if not _exact_half(qw.scale):

@@ -11,7 +11,9 @@ from pydantic import BaseModel, ConfigDict
 
 from slimquant.sdk import (
     SLIMQUANT_VERSION,
+    Exporter,
     FakeQuantLinear,
+    Feature,
     OutputError,
     check_structure,
     float_tensors,
@@ -55,9 +57,10 @@ def quantization_config(fakes: dict[str, FakeQuantLinear], checkpoint_format: st
     }
 
 
-class GPTQExporter:
+class GPTQExporter(Exporter):
     name = "gptq"
-    scale_dtype = "float16"  # the file stores float16 scales (slimquant.hookspecs)
+    scale_dtype = "float16"
+    holds = frozenset({Feature.PERMUTED_GROUPS, Feature.QUANTIZED_SCALES, Feature.SPARSITY})  # desc_act's g_idx
     checkpoint_format = "gptq"
 
     class Config(BaseModel):

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from slimquant.sdk import hookimpl
+from slimquant.sdk import Feature, WeightQuantizer, hookimpl
 from slimquant_hqq.solver import HQQSettings, hqq_quantize
 
 
@@ -23,7 +23,7 @@ class HQQConfig(BaseModel):
     round_zero: bool = Field(True, description="start the solver from rounded zero points")
 
 
-class HQQPlugin:
+class HQQPlugin(WeightQuantizer):
     name = "hqq"
     Config = HQQConfig
     requires_calibration_data = False
@@ -31,6 +31,9 @@ class HQQPlugin:
 
     def __init__(self, config: HQQConfig):
         self.config = config
+
+    def output_features(self, plan) -> dict:
+        return {Feature.FRACTIONAL_ZEROS: "its zero points are optimized, not rounded"}
 
     @hookimpl
     def check(self, plan, name, shape):

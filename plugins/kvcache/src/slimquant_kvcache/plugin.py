@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from slimquant.sdk import CacheQParams, CalibrationError, hookimpl, kv_attention
+from slimquant.sdk import CacheQParams, CacheQuantizer, CalibrationError, hookimpl, kv_attention
 from slimquant_kvcache.ranges import CacheRange
 
 
@@ -16,7 +16,7 @@ class KVCacheConfig(BaseModel):
     name: Literal["kvcache"] = "kvcache"
 
 
-class KVCachePlugin:
+class KVCachePlugin(CacheQuantizer):
     name = "kvcache"
     Config = KVCacheConfig
 

@@ -15,7 +15,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from slimquant.sdk import hookimpl, round_to_nearest
+from slimquant.sdk import Feature, Grid, WeightQuantizer, hookimpl, round_to_nearest
 from slimquant_nf4.grid import NF4Grid
 
 
@@ -28,7 +28,7 @@ class NF4Config(BaseModel):
                                                   "(bitsandbytes' compress_statistics / QLoRA's double quantization)")
 
 
-class NF4Plugin:
+class NF4Plugin(Grid, WeightQuantizer):
     name = "nf4"
     Config = NF4Config
     requires_calibration_data = False
@@ -36,6 +36,12 @@ class NF4Plugin:
 
     def __init__(self, config: NF4Config):
         self.config = config
+
+    def output_features(self, plan) -> dict:
+        features = {Feature.CODEBOOK: f"codebook: {self.config.codebook}"}
+        if self.config.double_quant:
+            features[Feature.QUANTIZED_SCALES] = "double_quant: true"
+        return features
 
     @hookimpl
     def check(self, plan, name, shape):

@@ -18,7 +18,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from slimquant.sdk import TokenSample, hookimpl, smoothing
+from slimquant.sdk import Smoother, TokenSample, hookimpl, smoothing
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +68,10 @@ def kmeans_1d(values: torch.Tensor, k: int, iters: int = 50) -> torch.Tensor:
     return order.argsort()[(v[:, None] - centroids[None, :]).abs().argmin(1)]
 
 
-class PieceWiseSearchPlugin:
+class PieceWiseSearchPlugin(Smoother):
     name = "piecewise"
     Config = PieceWiseConfig
     requires_calibration_data = True  # its scales come from activation ranges
-    observes_output = False  # observe reads the Linear's input only
     aliases = {"paddleslim": "PieceWiseSearch"}
 
     def __init__(self, config: PieceWiseConfig):
@@ -139,7 +138,7 @@ class PieceWiseSearchPlugin:
         ref = x @ w.T
         alphas = torch.arange(c.search_alpha_min, c.search_alpha_max + 1e-9, c.search_alpha_step).tolist()
         consts = torch.arange(c.search_scale_min, c.search_scale_max + 1e-9, c.search_scale_step).tolist()
-        candidates = [smoothing.smooth_scales(act_absmax, w_absmax, a) for a in alphas]
+        candidates = [smoothing.migration_scales(act_absmax, w_absmax, a) for a in alphas]
         candidates += [torch.full_like(act_absmax, v) for v in consts]
         names = [f"alpha={a:.2f}" for a in alphas] + [f"scale={v:.1f}" for v in consts]
         best_s, best_loss = torch.ones_like(act_absmax), self.loss(x, w, ref, torch.ones_like(x[0]))

@@ -16,7 +16,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from slimquant.sdk import hookimpl, smoothing
+from slimquant.sdk import Smoother, hookimpl, smoothing
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +33,10 @@ class ShiftConfig(BaseModel):
     skip: list[str] = Field(default_factory=list, description="leave alone subgraphs touching these names (globs)")
 
 
-class ShiftPlugin:
+class ShiftPlugin(Smoother):
     name = "shift"
     Config = ShiftConfig
     requires_calibration_data = True  # its scales come from activation ranges
-    observes_output = False  # observe reads the Linear's input only
     aliases = {"msmodelslim.anti_method": "m2", "paddleslim": "Shift"}
 
     def __init__(self, config: ShiftConfig):
@@ -70,5 +69,5 @@ class ShiftPlugin:
     def _rewrite(self, unit: smoothing.Unit, lo, hi) -> None:
         smoothing.shift_unit(unit, (hi + lo) / 2)
         if self.config.scale:
-            s = smoothing.smooth_scales((hi - lo) / 2, unit.weight_absmax(), self.config.alpha)
+            s = smoothing.migration_scales((hi - lo) / 2, unit.weight_absmax(), self.config.alpha)
             smoothing.scale_unit(unit, s)

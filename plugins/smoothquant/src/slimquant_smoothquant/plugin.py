@@ -16,7 +16,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from slimquant.sdk import hookimpl, smoothing
+from slimquant.sdk import Smoother, hookimpl, smoothing
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +32,10 @@ class SmoothQuantConfig(BaseModel):
     skip: list[str] = Field(default_factory=list, description="leave alone subgraphs touching these names (globs)")
 
 
-class SmoothQuantPlugin:
+class SmoothQuantPlugin(Smoother):
     name = "smoothquant"
     Config = SmoothQuantConfig
     requires_calibration_data = True  # its scales come from activation ranges
-    observes_output = False  # observe reads the Linear's input only
     distributed = True  # its channel ranges are Statistics (min/max over processes)
     aliases = {"msmodelslim.anti_method": "m1", "paddleslim": "Smooth"}
 
@@ -59,7 +58,7 @@ class SmoothQuantPlugin:
             if span is None:  # none of its Linears is quantized: nothing to gain
                 continue
             act = smoothing.absmax(span)
-            s = smoothing.smooth_scales(act, unit.weight_absmax(), self.config.alpha)
+            s = smoothing.migration_scales(act, unit.weight_absmax(), self.config.alpha)
             if guard.apply(unit, lambda unit=unit, s=s: smoothing.scale_unit(unit, s)):
                 log.debug("%s: %s scales %.3g..%.3g", self.name, unit.source, float(s.min()), float(s.max()))
         guard.report()

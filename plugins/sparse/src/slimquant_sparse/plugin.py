@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from slimquant.sdk import Strategy, accumulate_shared, hookimpl, signed_scale
+from slimquant.sdk import Feature, Strategy, WeightQuantizer, accumulate_shared, hookimpl, signed_scale
 from slimquant_sparse.magnitude import magnitude_prune_quantize
 from slimquant_sparse.settings import SparseSettings
 from slimquant_sparse.sparsegpt import sparsegpt_quantize
@@ -47,16 +47,21 @@ class SparseConfig(BaseModel):
         return f"{int(n)}:{int(m)}"
 
 
-class SparsePlugin:
+class SparsePlugin(WeightQuantizer):
     name = "sparse"
     Config = SparseConfig
     requires_calibration_data = True  # SparseGPT's Hessians (magnitude needs none: see __init__)
-    observes_output = False  # observe reads the Linear's input only
     aliases = {"msmodelslim.sparse": "co_sparse"}
 
     def __init__(self, config: SparseConfig):
         self.config = config
         self.requires_calibration_data = config.method == "sparsegpt"
+
+    def output_features(self, plan) -> dict:
+        features = {Feature.SPARSITY: f"pattern: {self.config.pattern}"}
+        if self.config.fraction > 0:
+            features[Feature.OUTLIERS] = f"fraction: {self.config.fraction}"
+        return features
 
     @hookimpl
     def check(self, plan, name, shape):
