@@ -47,6 +47,24 @@ class ScaleMLP(ModelTransform):
         ctx.note(f"scaled {len(ctx.layers)} MLPs by {f}")
 
 
+class TurnsDownInputs(ModelTransform):
+    """An online rotation: every down_proj's input turns by a random orthogonal matrix at run time."""
+    name = "turnsdown"
+
+    class Config(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        name: Literal["turnsdown"] = "turnsdown"
+
+    @hookimpl
+    def transform_model(self, ctx):
+        for i, layer in enumerate(ctx.layers):
+            down = layer.mlp.down_proj
+            q, _ = torch.linalg.qr(torch.randn(down.in_features, down.in_features,
+                                               generator=torch.Generator().manual_seed(i)))
+            down.weight.data = down.weight.data @ q
+            ctx.set_input_transform(f"{ctx.prefix}.{i}.mlp.down_proj", q)
+
+
 class AddsALinear(ModelTransform):
     name = "addsalinear"
 
@@ -72,6 +90,7 @@ def transforms(tmp_path, monkeypatch):
         [slimquant.plugins]
         scalemlp = transform_plugins:ScaleMLP
         addsalinear = transform_plugins:AddsALinear
+        turnsdown = transform_plugins:TurnsDownInputs
     """))
     monkeypatch.syspath_prepend(str(home))
     import transform_plugins
@@ -151,3 +170,22 @@ def test_a_transform_refuses_a_model_it_cannot_rewrite_before_any_weight_is_read
         slimquant.quantize(tiny_model("opt"), {"scheme": "W8A16", "algorithms": ["scalemlp"],
                                                "runtime": {"progress": False}})
     assert transforms.ScaleMLP.calls == 0
+
+
+def test_an_online_input_transform_stays_with_the_linear_through_quantization_and_checkpoints(transforms):
+    from slimquant.runtime.layer_state import layer_state, restore_layer_state
+
+    model, reference = tiny_model("llama"), tiny_model("llama")
+    ids = token_samples(1, 16, seed=5)[0]
+    recipe = {"scheme": "W8A8_DYNAMIC", "algorithms": ["turnsdown", "minmax"], "runtime": {"progress": False}}
+    slimquant.quantize(model, recipe, samples=token_samples(4, 16))
+    down = _down_proj(model)
+    assert isinstance(down, FakeQuantLinear) and down.input_transform is not None
+    torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=0.05, atol=0.05)
+    without = tiny_model("llama")
+    slimquant.quantize(without, {**recipe, "algorithms": ["minmax"]}, samples=token_samples(4, 16))
+    assert not torch.equal(down.codes, _down_proj(without).codes)  # it quantized the turned weight
+    tensors, meta = layer_state(model.model.layers[0])
+    fresh = tiny_model("llama").model.layers[0]
+    restore_layer_state(fresh, tensors, meta)
+    assert torch.equal(fresh.mlp.down_proj.input_transform, down.input_transform)

@@ -222,9 +222,10 @@ def transform_model(ctx) -> None:
     smoothed or quantized (on the data-free path too).
 
     ``ctx`` is a ``ModelContext`` (``slimquant.runtime.model_context``): ``ctx.model``, its decoder layers
-    (``ctx.layers``, under ``ctx.prefix``), each Linear's ``LinearPlan`` (``ctx.plans``, None for one left in float)
-    and the work device. Transforms run in recipe order. A transform must leave the float model's function unchanged
-    up to float rounding (a rotation folded into the weights, an untied embedding), may change any weight, add or
-    untie parameters, but must not add, remove or rename Linears (the plans name them); it says what it did through
-    ``ctx.note(...)``, which the run's report and plan print. Return nothing.
+    (``ctx.layers``, under ``ctx.prefix``), each Linear's ``LinearPlan`` (``ctx.plans``, None for one left in float),
+    the work device, and the calibration batches (``ctx.samples``, None on the data-free path) for a transform that
+    measures what its rewrite does to the quantizer that follows. Transforms run in recipe order. A transform must
+    leave the float model's function unchanged up to float rounding (a rotation folded into the weights, an untied
+    embedding), may change any weight, add or untie parameters, but must not add, remove or rename Linears (the plans
+    name them); it says what it did through ``ctx.note(...)``, which the run's report and plan print. Return nothing.
     """

@@ -409,7 +409,8 @@ def feature_problems(model, exporter, fmt: str) -> list[str]:
     found: dict[Feature, list[str]] = {}
     for name, module in model.named_modules():
         if isinstance(module, FakeQuantLinear):
-            for feature in features_of(module.qweight) - exporter.holds:
+            online = {Feature.ONLINE_TRANSFORM} if module.input_transform is not None else set()
+            for feature in (features_of(module.qweight) | online) - exporter.holds:
                 found.setdefault(feature, []).append(name)
     return [f"save_type {fmt}: this format cannot hold {feature.meaning} ({feature.value}): {names[0]}"
             + (f" and {len(names) - 1} other Linear(s)" if len(names) > 1 else "")

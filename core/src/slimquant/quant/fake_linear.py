@@ -25,11 +25,13 @@ class FakeQuantLinear(nn.Module):
     ``QuantizedWeight`` (codes, scales, zeros, groups, codebook, ...), ``act_qparams`` its input's ``ActQParams``
     (None when weight-only; ``dynamic`` with no tensors when computed at run time), ``bias`` its float bias or None,
     ``in_features`` / ``out_features`` its shape. ``weight`` is the dequantized float weight, as the model computes
-    with it."""
+    with it. ``input_transform`` (None, or float ``[in, in]``) is a matrix the input is multiplied by before anything
+    else (an online rotation a model transform set: ``ModelContext.set_input_transform``)."""
 
     def __init__(self, qweight: QuantizedWeight, bias: torch.Tensor | None, act: ActQParams | None,
-                 compute_dtype: torch.dtype = torch.float32):
+                 compute_dtype: torch.dtype = torch.float32, input_transform: torch.Tensor | None = None):
         super().__init__()
+        self.register_buffer("input_transform", input_transform)
         self.out_features, self.in_features = qweight.shape
         self.bits = qweight.bits
         self.group_size = qweight.group_size
@@ -105,6 +107,8 @@ class FakeQuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
+        if self.input_transform is not None:
+            x = x @ self.input_transform.to(x.dtype)
         if self.act is not None:
             x = self.quantize_input(x.float())  # rounding in float32, the matmul in the model's dtype
         if not torch.is_autocast_enabled(x.device.type):  # (under autocast, in the autocast dtype)
@@ -115,7 +119,8 @@ class FakeQuantLinear(nn.Module):
     def extra_repr(self) -> str:
         act = "none" if self.act is None else f"{self.act.bits}-bit {'dynamic' if self.act.dynamic else 'static'}"
         group = self.group_size or "channel"
-        return f"in={self.in_features}, out={self.out_features}, w_bits={self.bits}, group={group}, act={act}"
+        online = ", input_transform" if self.input_transform is not None else ""
+        return f"in={self.in_features}, out={self.out_features}, w_bits={self.bits}, group={group}, act={act}{online}"
 
 
 @contextmanager

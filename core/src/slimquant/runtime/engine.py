@@ -201,7 +201,8 @@ class LayerEngine:
             if not isinstance(act, ActQParams):
                 raise PluginError(f"{name}: plugin {plan.act_algorithm!r} returned {type(act).__name__} from "
                                   "quantize_act, not ActQParams")
-        fake = FakeQuantLinear(qweight, module.bias, act, compute_dtype=module.weight.dtype)
+        fake = FakeQuantLinear(qweight, module.bias, act, compute_dtype=module.weight.dtype,
+                               input_transform=getattr(module, "input_transform", None))
         set_submodule(parent, name[len(prefix) + 1:], fake.to(self.device))
 
     def quantize_group(self, ctx: LayerContext, group: list[str], layer: nn.Module, prefix: str) -> None:

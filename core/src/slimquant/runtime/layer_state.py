@@ -56,7 +56,8 @@ def _rebuild_fake(tensors: dict[str, torch.Tensor], meta: dict) -> FakeQuantLine
     act = meta["act"]
     if act is not None:
         act = ActQParams(act["bits"], act["symmetric"], act["dynamic"], get("input_scale"), get("input_zero"))
-    return FakeQuantLinear(qweight, get("bias"), act, compute_dtype=getattr(torch, meta["compute_dtype"]))
+    return FakeQuantLinear(qweight, get("bias"), act, compute_dtype=getattr(torch, meta["compute_dtype"]),
+                           input_transform=get("input_transform"))
 
 
 def restore_layer_state(layer: nn.Module, tensors: dict[str, torch.Tensor], meta: dict, assign: bool = False) -> None:

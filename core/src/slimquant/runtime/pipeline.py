@@ -98,7 +98,7 @@ class LayerwiseQuantizer:
                 raise CalibrationError(f"{len(samples)} calibration samples for {self.ranks.size} processes: give "
                                        "at least one per process")
             samples = samples[self.ranks.rank::self.ranks.size]
-        report = QuantizationReport(plans=dict(self.plans), transforms=self._transform())
+        report = QuantizationReport(plans=dict(self.plans), transforms=self._transform(samples))
         if self.pass_dtype is not None:
             report.calibration_dtype = str(self.pass_dtype).removeprefix("torch.")
         start = time.perf_counter()
@@ -125,7 +125,7 @@ class LayerwiseQuantizer:
 
     def _run_data_free(self) -> QuantizationReport:
         """Every Linear quantized from its weight alone, layer by layer on the work device; nothing is run."""
-        report = QuantizationReport(plans=dict(self.plans), data_free=True, transforms=self._transform())
+        report = QuantizationReport(plans=dict(self.plans), data_free=True, transforms=self._transform(None))
         start = time.perf_counter()
         checkpoint = self._open_checkpoint(None, report)
         if checkpoint is not None and checkpoint.finished:
@@ -152,11 +152,11 @@ class LayerwiseQuantizer:
         report.seconds = time.perf_counter() - start
         return report
 
-    def _transform(self) -> list[str]:
+    def _transform(self, samples) -> list[str]:
         """Run the recipe's model transforms on the whole model, before any layer is touched; what they did."""
         if not self.algorithms.transforms:
             return []
-        ctx = ModelContext(self.model, self.prefix, self.layers, dict(self.plans), self.device)
+        ctx = ModelContext(self.model, self.prefix, self.layers, dict(self.plans), self.device, samples)
         notes = run_transforms(ctx, self.plugins, self.algorithms.transforms)
         for note in notes:
             log.info("transform %s", note)

@@ -70,10 +70,12 @@ calibration. The docstrings of the classes named below are their reference. By r
   ``fake_quantize_weight`` a weight as the plan would round it. An activation algorithm returns ``ActQParams`` from
   ``quantize_act(ctx, name, module, args)`` (``args``: ``ActArgs``), having observed in the ``"quantize"`` phase the
   Linears whose ``plan.act_algorithm`` it is and for which its ``observes(plan)`` is True.
-- Model transform (``ModelTransform``): ``transform_model(ctx)`` rewrites the whole model once, before any
-  calibration input is caught, keeping its float function and its Linears' names (a rotation folded into the
-  weights); ``ctx`` is a ``ModelContext``, ``ctx.note(text)`` reports what it did. ``check_model(ctx)`` refuses,
-  before any weight is read (on a weightless model), the structures it cannot rewrite exactly, naming the module.
+- Model transform (``ModelTransform``): ``transform_model(ctx)`` rewrites the whole model once, before any calibration
+  input is caught, keeping its float function and its Linears' names (a rotation folded into the weights); ``ctx`` is
+  a ``ModelContext``, ``ctx.note(text)`` reports what it did, ``ctx.samples`` are the calibration batches (None when
+  data-free) and ``ctx.set_input_transform(name, matrix)`` makes a Linear multiply its input by a matrix at run time
+  (an online rotation; declare ``Feature.ONLINE_TRANSFORM``). ``check_model(ctx)`` refuses, before any weight is read
+  (on a weightless model), the structures it cannot rewrite exactly, naming the module.
 - Exporter (``Exporter``, entry-point group ``slimquant.exporters``): ``export(model, output_dir, options)`` writes
   under ``output_dir`` only and returns the files written. Each quantized Linear is a ``FakeQuantLinear`` among
   ``model.named_modules()``: ``module.qweight`` gives its codes, scales, zeros, ``group_index()``, codebook;

@@ -1,0 +1,94 @@
+"""Keep a rotation only where it lowers the quantization error of the Linears it turns, on calibration inputs.
+
+Before anything is rewritten, each quantized Linear's inputs are caught on a few calibration batches (a subset of
+their tokens). A rotation turns a Linear's weight W into L W R (L: the rows, for Linears writing the stream or the
+values; R: the input basis) and its input X into X R, so the output error of rounding the turned weight is
+
+    || X R (L W R)^T - X R round(L W R)^T ||
+
+computed from the float inputs without running the turned model. round() is the plan's round-to-nearest on the
+uniform grid (``fake_quantize_weight``): the proxy for the quantizer that follows; a plan that quantizes
+activations also rounds the turned input per token. R1 (one rotation of the whole
+residual stream) is kept when it lowers the summed relative error of every Linear; R2 per attention layer when it
+lowers that of its v_proj and o_proj; R4 per down_proj. Without calibration data the same comparison runs on the
+weights alone (the error of rounding W, in the float weight's own basis).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from slimquant.sdk import fake_quantize_weight
+
+TOKENS = 256  # input rows kept per Linear
+
+
+@dataclass
+class Turn:
+    left: torch.Tensor | None = None  # L, applied to the rows
+    right: torch.Tensor | None = None  # R, applied to the input channels
+    gain: torch.Tensor | None = None  # a norm weight folded into the input channels (X / gain, W * gain)
+
+
+@torch.no_grad()
+def catch_inputs(model: nn.Module, names: list[str], samples: list[torch.Tensor], batches: int) -> dict:
+    """Up to TOKENS rows of each named Linear's input over the first `batches` samples, float64 on the CPU."""
+    modules = dict(model.named_modules())
+    caught: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+
+    def hook(name):
+        def record(module, args):
+            caught[name].append(args[0].detach().reshape(-1, args[0].shape[-1]).double().cpu())
+        return record
+
+    handles = [modules[n].register_forward_pre_hook(hook(n)) for n in names]
+    device = model.get_input_embeddings().weight.device
+    try:
+        for ids in samples[:batches]:
+            model(ids.to(device))
+    finally:
+        for h in handles:
+            h.remove()
+    inputs = {}
+    for name, rows in caught.items():
+        if rows:
+            x = torch.cat(rows)
+            step = max(1, x.shape[0] // TOKENS)
+            inputs[name] = x[::step][:TOKENS]
+    return inputs
+
+
+def error(linear: nn.Linear, x: torch.Tensor | None, args, turn: Turn, act=None) -> float:
+    """Squared output error of the turned Linear with its weight rounded (and its input rounded per token when `act`,
+    the plan's ActArgs, is given), relative to the float output's, on inputs `x`; in the turned output basis, which
+    an orthogonal L does not change the norm of. `x` None (no calibration data): the weight's own error, as if the
+    inputs were the unit vectors, with the activations left unrounded."""
+    w = linear.weight.detach().double().cpu()
+    if x is None:
+        x, act = torch.eye(w.shape[1], dtype=torch.float64), None
+    if turn.gain is not None:
+        w, x = w * turn.gain, x / turn.gain
+    if turn.left is not None:
+        w = turn.left @ w
+    if turn.right is not None:
+        w, x = w @ turn.right, x @ turn.right
+    reference = x @ w.T
+    if act is not None:
+        x = _round_per_token(x, act.bits, act.symmetric)
+    out = x @ fake_quantize_weight(w.float(), args).double().T
+    return float((out - reference).pow(2).sum() / reference.pow(2).sum().clamp_min(1e-30))
+
+
+def _round_per_token(x: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
+    """Each row rounded to `bits` integers over its own range: dynamic per-token quantization, the proxy for any
+    activation scheme."""
+    if symmetric:
+        scale = (x.abs().amax(-1, keepdim=True) / (2 ** (bits - 1) - 1)).clamp_min(1e-12)
+        return torch.round(x / scale).clamp(-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) * scale
+    lo, hi = x.amin(-1, keepdim=True).clamp(max=0), x.amax(-1, keepdim=True).clamp(min=0)
+    scale = ((hi - lo) / (2**bits - 1)).clamp_min(1e-12)
+    zero = torch.round(-lo / scale)
+    return (torch.round(x / scale) + zero).clamp(0, 2**bits - 1).sub(zero) * scale
