@@ -22,16 +22,19 @@ log = logging.getLogger(__name__)
 
 
 def quantize(model: nn.Module, recipe: Recipe | dict, *, tokenizer=None, calib_data=None,
-             samples: list[torch.Tensor] | None = None) -> QuantizationReport:
+             samples: list[torch.Tensor] | None = None, save_type: str | list[str] | None = None) -> QuantizationReport:
     """Quantize `model` in place: afterwards it is the fake-quantized model.
 
     Calibration comes from `samples` (token tensors), else `calib_data` (texts or token tensors, the
     msModelSlim way), else the recipe's calibration source (which needs `tokenizer`). When no plugin needs data
     and none is given (no samples, no calib_data, no `calibration` in the recipe), the weights are quantized
     straight away, data-free; errors against float are then not measured. A recipe with a `budget` first measures
-    every Linear's sensitivity on the calibration data and chooses its width (`report.budget`).
+    every Linear's sensitivity on the calibration data and chooses its width (`report.budget`). `save_type` names
+    the output formats the model will be saved in: what they cannot hold (the architecture, a scheme, a plugin's
+    output) is refused before any work, instead of at save.
     """
-    return _run(model, recipe, tokenizer, calib_data, samples, smooth_only=False)
+    formats = [save_type] if isinstance(save_type, str) else list(save_type or [])
+    return _run(model, recipe, tokenizer, calib_data, samples, smooth_only=False, formats=formats)
 
 
 def smooth_only(model: nn.Module, recipe: Recipe | dict, *, tokenizer=None, calib_data=None,
@@ -53,19 +56,19 @@ def _recipe(recipe) -> Recipe:
                       f"got {type(recipe).__name__}")
 
 
-def _run(model, recipe, tokenizer, calib_data, samples, smooth_only: bool) -> QuantizationReport:
+def _run(model, recipe, tokenizer, calib_data, samples, smooth_only: bool, formats=()) -> QuantizationReport:
     recipe = _recipe(recipe)
     check_causal_lm(model)
     if recipe.runtime.check_finite:
         check_model_finite(model)
-    algorithms = plan_algorithms(recipe)  # validates every plugin argument before any work
+    algorithms = plan_algorithms(recipe, list(formats))  # validates every plugin argument before any work
     device = resolve_device(recipe.model.device)
     distributed.agree(job_parts(recipe, algorithms), "the recipe and versions", device)  # several processes
     budget = None
     if recipe.budget is not None and not smooth_only:  # the widths are chosen before the runtime plans them
         samples = _samples(model, recipe, tokenizer, calib_data, samples)
         recipe, budget = resolve_budget(model, recipe, samples, algorithms)
-        algorithms = plan_algorithms(recipe)
+        algorithms = plan_algorithms(recipe, list(formats))
     quantizer = LayerwiseQuantizer(model, recipe, device, algorithms, smooth_only=smooth_only)
     if budget is None:
         if (samples is None and calib_data is None and not quantizer.needs_data

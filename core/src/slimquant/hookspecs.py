@@ -205,13 +205,15 @@ def export(model, output_dir, options: dict):
 
 @hookspec
 def check_model(ctx) -> list[str] | None:
-    """Plan-time validation of a ``ModelTransform`` against the model's structure: the problems (each naming the
-    module, e.g. ``"model.layers.0.input_layernorm: LayerNorm with a bias cannot be folded into a rotation"``) that
-    keep it from rewriting this model exactly; None or [] when there are none.
+    """Plan-time validation of a ``ModelTransform`` or an ``Exporter`` against the model's structure (its
+    architecture, norms, shapes): the problems, each naming the module or config field (``"model.layers.0.
+    input_layernorm: a norm with a bias cannot be folded into a rotation"``, ``"the model is a 'gemma' model; ..."``),
+    that keep a transform from rewriting the model exactly or a format from holding it; None or [] when there are
+    none.
 
     Called with a ``ModelContext`` before any weight is read, on a weightless copy of the model (parameters on the
-    meta device: read module types, shapes and the config, not values), and again on the loaded model before
-    ``transform_model``. Must not modify anything.
+    meta device: read module types, shapes and the config, not values), and again on the loaded model before any
+    work. Must not modify anything.
     """
 
 

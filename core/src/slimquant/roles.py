@@ -134,7 +134,7 @@ ROLE_HOOK = {WeightQuantizer: "quantize_weight", ActivationQuantizer: "quantize_
 ROLE_LABELS = {WeightQuantizer: "weights", ActivationQuantizer: "activations", Smoother: "smoother", Grid: "grid",
                CacheQuantizer: "kv cache", ModelTransform: "model transform", Exporter: "format"}
 EXTRA_HOOKS = {WeightQuantizer: ("observe",), ActivationQuantizer: ("observe",), Smoother: ("observe",),
-               CacheQuantizer: ("observe_cache",), ModelTransform: ("check_model",)}
+               CacheQuantizer: ("observe_cache",), ModelTransform: ("check_model",), Exporter: ("check_model",)}
 ALIAS_KEYS = ("msmodelslim.w_method", "msmodelslim.anti_method", "msmodelslim.sparse", "paddleslim")
 ALL_CAPABILITIES = {c for role in ROLE_HOOK for c in role.capabilities}
 BASE_NAMES = ({n for role in (Plugin, *ROLE_HOOK) for n in vars(role)} | {"config"}) - (ALL_CAPABILITIES - set(COMMON))

@@ -124,8 +124,8 @@ def test_export_refusals(tmp_path):
     g_idx = torch.arange(64, dtype=torch.int32).flip(0) // 32
     name, msg = refusal(tmp_path, quantized(CASES["Q4_0"]), lambda f: setattr(f, "g_idx", g_idx))
     assert f"cannot hold groups permuted over the input channels (g_idx) (permuted_groups): {name}" in msg
-    _, msg = refusal(tmp_path, quantized(CASES["Q8_0"], arch="qwen2"), lambda f: None)
-    assert "the model is a 'qwen2' model; the gguf exporter writes Llama-architecture models" in msg
+    _, msg = refusal(tmp_path, quantized(CASES["Q8_0"], arch="gemma"), lambda f: None)
+    assert "the model is a 'gemma' model; the gguf exporter writes llama, mistral, qwen2, qwen3 models" in msg
 
 
 def test_float16_scales_make_q4_1_offsets_exact():
@@ -185,3 +185,49 @@ def test_round_to_nearest_at_group_32_is_llama_cpps_own_q4_0_and_q5_0(bits):
     assert np.array_equal(ours, gguf_quantize(w.numpy(), kind))
     absmax = WeightArgs(bits=bits, symmetric=True, group_size=32, scale_dtype="float16", symmetric_scale="absmax")
     assert not np.array_equal(encode_blocks(float16_scales(round_to_nearest(w, absmax)))[0], ours)
+
+
+@pytest.mark.parametrize("arch, gguf_arch", [("llama", "llama"), ("mistral", "llama"), ("qwen2", "qwen2"),
+                                             ("qwen3", "qwen3")])
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_1"])
+def test_every_written_architecture_loads_in_transformers_with_the_in_memory_logits(tmp_path, arch, gguf_arch, kind):
+    """Qwen3 with head_dim 128: transformers' GGUF reader does not read qwen3.attention.key_length and takes
+    Qwen3's default head_dim (llama.cpp reads it; the file holds it)."""
+    if arch == "qwen3":
+        config = tiny_model("qwen3").config
+        config.head_dim = 128
+        torch.manual_seed(0)
+        model = transformers.Qwen3ForCausalLM(config).eval()
+        quantize(model, {"weights": {**CASES[kind], "scale_dtype": "float16"}, "runtime": {"progress": False}})
+    else:
+        model = quantized(CASES[kind], arch=arch)
+    expected = model(IDS).logits
+    save_quantized(model, tmp_path / "out", save_type=["gguf"])
+    reader = gguf.GGUFReader(tmp_path / "out" / "model.gguf")
+    assert reader.fields["general.architecture"].contents() == gguf_arch
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), gguf_file="model.gguf").eval()
+    assert torch.allclose(loaded(IDS).logits, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["gemma", "opt", "phi", "mixtral"])
+def test_architectures_gguf_does_not_write_are_refused_before_any_weight_is_read(arch):
+    from slimquant.config.recipe import Recipe
+    from slimquant.errors import RecipeError
+    from slimquant.plugins import plan_algorithms
+    from slimquant.runtime.preflight import check_before_loading
+
+    recipe = Recipe.model_validate({"weights": {**CASES["Q8_0"], "scale_dtype": "float16"}})
+    with pytest.raises(RecipeError, match=rf"the output formats cannot hold this model: save_type gguf: the model is "
+                                          rf"a '{arch}' model; the gguf exporter writes llama, mistral, qwen2, qwen3"):
+        check_before_loading(recipe, plan_algorithms(recipe, formats=["gguf"]), tiny_model(arch).config)
+
+
+def test_the_api_refuses_an_architecture_before_quantizing_when_told_the_format():
+    from slimquant.errors import RecipeError
+
+    model = tiny_model("opt")
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    with pytest.raises(RecipeError, match="save_type gguf: the model is a 'opt' model"):
+        quantize(model, {"weights": {**CASES["Q8_0"], "scale_dtype": "float16"}, "runtime": {"progress": False}},
+                 save_type="gguf")
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())

@@ -58,18 +58,24 @@ def plan_model(model: nn.Module, recipe: Recipe, algorithms) -> PlannedModel:
     if algorithms.cache is not None:
         check_cache_plan(model, layers, prefix, algorithms)
     check_linear_plans(algorithms, plans, linears)
-    check_transforms(model, prefix, layers, plans, algorithms)
+    check_models(model, prefix, layers, plans, algorithms)
     return PlannedModel(prefix, layers, linears, plans)
 
 
-def check_transforms(model: nn.Module, prefix: str, layers: nn.ModuleList, plans: dict, algorithms) -> None:
-    """Each model transform's `check_model` on the model's structure (weightless before loading)."""
+def check_models(model: nn.Module, prefix: str, layers: nn.ModuleList, plans: dict, algorithms) -> None:
+    """Each model transform's and output format's `check_model` on the model's structure (weightless before
+    loading)."""
     problems = []
     for name in algorithms.transforms:
         ctx = ModelContext(model, prefix, layers, dict(plans), torch.device("meta"), current=name)
         problems += [f"{name}: {p}" for p in algorithms.plugins.call(name, "check_model", ctx=ctx) or []]
     if problems:
         raise RecipeError("the model transforms cannot rewrite this model: " + "; ".join(problems))
+    for fmt in algorithms.exporters.plugins:
+        ctx = ModelContext(model, prefix, layers, dict(plans), torch.device("meta"), current=fmt)
+        problems += [f"save_type {fmt}: {p}" for p in algorithms.exporters.call(fmt, "check_model", ctx=ctx) or []]
+    if problems:
+        raise RecipeError("the output formats cannot hold this model: " + "; ".join(problems))
 
 
 def check_linear_plans(algorithms, plans: dict[str, LinearPlan | None], linears: dict[str, nn.Linear]) -> None:

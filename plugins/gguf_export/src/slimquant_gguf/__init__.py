@@ -1,4 +1,4 @@
-"""GGUF export for slimquant: the `gguf` output format (llama.cpp), for Llama-architecture models."""
+"""GGUF export for slimquant: the `gguf` output format (llama.cpp), for Llama, Mistral, Qwen2 and Qwen3 models."""
 
 from slimquant_gguf.blocks import encode_blocks
 from slimquant_gguf.exporter import GGUFExporter

@@ -1,6 +1,7 @@
-"""`gguf`: one .gguf file that llama.cpp loads, for Llama-architecture models: quantized Linears as Q4_0 / Q4_1 /
-Q5_0 / Q5_1 / Q8_0 blocks, or Q4_K / Q6_K from the kquant grid, built from their codes and scales (no
-re-quantization), every other tensor in float32."""
+"""`gguf`: one .gguf file that llama.cpp loads, for the architectures of slimquant_gguf.llama (Llama, Mistral,
+Qwen2, Qwen3): quantized Linears as Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 blocks, or Q4_K / Q6_K from the kquant grid,
+built from their codes and scales (no re-quantization), every other tensor in float32. Other architectures are
+refused before any weight is read (`check_model`)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from slimquant.sdk import (
 from slimquant_gguf.blocks import TYPES, encode_blocks
 from slimquant_gguf.checks import module_problems, plan_problems
 from slimquant_gguf.kblocks import encode_k_blocks, written_as_k
-from slimquant_gguf.llama import ARCH, gguf_name, permute_rows, rope_heads, write_hyperparameters
+from slimquant_gguf.llama import ARCHITECTURES, arch_name, gguf_name, permute_rows, rope_heads, write_hyperparameters
 from slimquant_gguf.tokenizer import copy_tokenizer
 
 FILE_NAME = "model.gguf"
@@ -36,9 +37,13 @@ FILE_TYPES[gguf.GGMLQuantizationType.Q6_K] = gguf.LlamaFileType.MOSTLY_Q6_K
 def _model_problems(model) -> list[str]:
     if kv_attention.quantizers(model):
         return ["the model's KV cache is quantized (kv_cache); gguf has no place for its scales"]
-    config = model.config
-    if config.model_type != ARCH:
-        return [f"the model is a {config.model_type!r} model; the gguf exporter writes Llama-architecture models"]
+    return _architecture_problems(model.config)
+
+
+def _architecture_problems(config) -> list[str]:
+    if config.model_type not in ARCHITECTURES:
+        return [f"the model is a {config.model_type!r} model; the gguf exporter writes "
+                f"{', '.join(ARCHITECTURES)} models"]
     rope = getattr(config, "rope_parameters", None) or {}
     if isinstance(rope, dict) and rope.get("rope_type", "default") != "default":
         return [f"rope_parameters.rope_type {rope['rope_type']!r}: the gguf exporter writes default RoPE only"]
@@ -70,17 +75,23 @@ class GGUFExporter(Exporter):
         return plan_problems(plan, name, shape)
 
     @hookimpl
+    def check_model(self, ctx):
+        return _architecture_problems(ctx.model.config)
+
+    @hookimpl
     def export(self, model, output_dir, options):
         config = model.config
         fakes = {n: m for n, m in model.named_modules() if isinstance(m, FakeQuantLinear)}
         problems = _model_problems(model)
+        if problems:
+            raise OutputError("gguf cannot hold this model: " + "; ".join(problems))
         for n, m in fakes.items():
             problems += module_problems(n, m)
         tensors = self._tensor_list(model, fakes, problems)
         if problems:
             raise OutputError("gguf cannot hold this model exactly: " + summarize(problems, fakes))
         path = Path(output_dir) / FILE_NAME
-        writer = gguf.GGUFWriter(path, ARCH)
+        writer = gguf.GGUFWriter(path, arch_name(config))
         write_hyperparameters(writer, config, getattr(config, "_name_or_path", "") or type(model).__name__)
         copy_tokenizer(writer, config)
         kinds = Counter()
@@ -120,7 +131,8 @@ class GGUFExporter(Exporter):
                 continue
             gname = gguf_name(key, config)
             if gname is None:
-                problems.append(f"tensor {key} has no gguf name in a Llama model (changed by smoothing?)")
+                problems.append(f"tensor {key} has no gguf name in a {arch_name(config)} model (changed by "
+                                "smoothing?)")
                 continue
             out.append((gname, key, t))
         return out

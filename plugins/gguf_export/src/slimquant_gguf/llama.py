@@ -1,11 +1,25 @@
-"""Llama in GGUF: tensor names, the q/k row order llama.cpp's convert_hf_to_gguf.py uses, and the hyperparameters."""
+"""The architectures written to GGUF: llama.cpp's name for each, its tensor names, the q/k row order its
+convert_hf_to_gguf.py uses (Llama's rotary halves interleaved; Qwen's left as they are), and the hyperparameters.
+
+Each is one that llama.cpp runs and transformers' GGUF reader loads back: Llama, Mistral (written as llama, as
+llama.cpp's converter does), Qwen2 (q/k/v biases) and Qwen3 (per-head q/k norms)."""
 
 from __future__ import annotations
 
 import gguf
 import torch
 
-ARCH = "llama"
+ARCHITECTURES = {  # transformers' model_type -> (llama.cpp's architecture, whether q/k rows are permuted)
+    "llama": (gguf.MODEL_ARCH.LLAMA, True),
+    "mistral": (gguf.MODEL_ARCH.LLAMA, True),
+    "qwen2": (gguf.MODEL_ARCH.QWEN2, False),
+    "qwen3": (gguf.MODEL_ARCH.QWEN3, False),
+}
+
+
+def arch_name(config) -> str:
+    """llama.cpp's name of the model's architecture ("llama", "qwen2", ...)."""
+    return gguf.MODEL_ARCH_NAMES[ARCHITECTURES[config.model_type][0]]
 
 
 def permute_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -18,7 +32,9 @@ def unpermute_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
 
 
 def rope_heads(hf_name: str, config) -> int | None:
-    """The head count q_proj / k_proj rows are permuted with; None for every other tensor."""
+    """The head count q_proj / k_proj rows are permuted with; None for every other tensor and architecture."""
+    if not ARCHITECTURES[config.model_type][1]:
+        return None
     if hf_name.endswith("self_attn.q_proj.weight"):
         return config.num_attention_heads
     if hf_name.endswith("self_attn.k_proj.weight"):
@@ -27,7 +43,7 @@ def rope_heads(hf_name: str, config) -> int | None:
 
 
 def gguf_name(hf_name: str, config) -> str | None:
-    tensor_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    tensor_map = gguf.get_tensor_name_map(ARCHITECTURES[config.model_type][0], config.num_hidden_layers)
     return tensor_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
 
 
