@@ -5,6 +5,7 @@ Q4_1: d, m (float16), 16 bytes of nibbles; x = d * nibble + m, so m = -d * (zero
 Q5_0 / Q5_1: as Q4_0 / Q4_1 with 5-bit unsigned codes (code + 16) and m = -d * (zero + 16); after d (and m), 4
 bytes qh (a little-endian uint32 whose bit j is the fifth bit of element j), then the low 4 bits as nibbles.
 Q8_0: d (float16), 32 int8 codes; x = d * code.
+IQ4_NL: d (float16), 16 bytes of nibbles as Q4_0; x = d * KVALUES[nibble] (slimquant_gguf.iq4nl), nibble = code + 8.
 Element j of a block sits in the low nibble of byte j, element j + 16 in its high nibble. A group spanning several
 blocks repeats its d (and m) in each.
 """
@@ -16,6 +17,7 @@ import torch
 from gguf import GGMLQuantizationType
 
 from slimquant.sdk import QuantizedWeight, effective_group_size
+from slimquant_gguf.iq4nl import is_iq4nl_codebook
 
 BLOCK = 32
 TYPES = {(4, True): GGMLQuantizationType.Q4_0, (4, False): GGMLQuantizationType.Q4_1,
@@ -42,6 +44,21 @@ def block_params(qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor | None
 
 def half_bytes(t: torch.Tensor) -> np.ndarray:
     return t.numpy().astype(np.float16).view(np.uint8).reshape(*t.shape, 2)
+
+
+def written_as_iq4nl(qw: QuantizedWeight) -> bool:
+    """Whether the weight stands for IQ4_NL's codebook values (the exporter then writes IQ4_NL blocks)."""
+    return qw.bits == 4 and is_iq4nl_codebook(qw.codebook)
+
+
+def encode_iq4nl_blocks(qw: QuantizedWeight) -> tuple[np.ndarray, GGMLQuantizationType]:
+    """IQ4_NL blocks, uint8 [rows, blocks * 18]: d, then nibbles code + 8 laid out as Q4_0's."""
+    rows, cols = qw.shape
+    d, _ = block_params(qw)
+    nibbles = (qw.codes.detach().cpu().to(torch.int16) + 8).to(torch.uint8).reshape(rows, cols // BLOCK, BLOCK)
+    packed = (nibbles[..., :16] | (nibbles[..., 16:] << 4)).numpy()
+    data = np.concatenate([half_bytes(d), packed], axis=-1).reshape(rows, -1)
+    return np.ascontiguousarray(data), GGMLQuantizationType.IQ4_NL
 
 
 def encode_blocks(qw: QuantizedWeight) -> tuple[np.ndarray, GGMLQuantizationType]:

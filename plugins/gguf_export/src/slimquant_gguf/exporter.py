@@ -1,7 +1,7 @@
 """`gguf`: one .gguf file that llama.cpp loads, for the architectures of slimquant_gguf.llama (Llama, Mistral,
-Qwen2, Qwen3): quantized Linears as Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 blocks, or Q4_K / Q6_K from the kquant grid,
-built from their codes and scales (no re-quantization), every other tensor in float32. Other architectures are
-refused before any weight is read (`check_model`)."""
+Qwen2, Qwen3): quantized Linears as Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 blocks, Q4_K / Q6_K from the kquant grid, or
+IQ4_NL from the iq4nl grid, built from their codes and scales (no re-quantization), every other tensor in float32.
+Other architectures are refused before any weight is read (`check_model`)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from slimquant.sdk import (
     kv_attention,
     summarize,
 )
-from slimquant_gguf.blocks import TYPES, encode_blocks
+from slimquant_gguf.blocks import TYPES, encode_blocks, encode_iq4nl_blocks, written_as_iq4nl
 from slimquant_gguf.checks import module_problems, plan_problems
 from slimquant_gguf.kblocks import encode_k_blocks, written_as_k
 from slimquant_gguf.llama import ARCHITECTURES, arch_name, gguf_name, permute_rows, rope_heads, write_hyperparameters
@@ -32,6 +32,7 @@ FILE_NAME = "model.gguf"
 FILE_TYPES = {kind: gguf.LlamaFileType[f"MOSTLY_{kind.name}"] for kind in TYPES.values()}
 FILE_TYPES[gguf.GGMLQuantizationType.Q4_K] = gguf.LlamaFileType.MOSTLY_Q4_K_S
 FILE_TYPES[gguf.GGMLQuantizationType.Q6_K] = gguf.LlamaFileType.MOSTLY_Q6_K
+FILE_TYPES[gguf.GGMLQuantizationType.IQ4_NL] = gguf.LlamaFileType.MOSTLY_IQ4_NL
 
 
 def _model_problems(model) -> list[str]:
@@ -54,14 +55,15 @@ def _permuted(qw: QuantizedWeight, heads: int | None) -> QuantizedWeight:
     if heads is None:
         return qw
     rows = lambda t: None if t is None else permute_rows(t, heads)  # noqa: E731
-    return QuantizedWeight(rows(qw.codes), rows(qw.scale), rows(qw.zero), qw.bits, qw.group_size)
+    return QuantizedWeight(rows(qw.codes), rows(qw.scale), rows(qw.zero), qw.bits, qw.group_size, codebook=qw.codebook)
 
 
 class GGUFExporter(Exporter):
     name = "gguf"
     scale_dtype = "float16"
-    # K-quant super-blocks (their mins make fractional zero points; Q4_1 / Q5_1 refuse them in check); pruned codes
-    holds = frozenset({Feature.QUANTIZED_SCALES, Feature.FRACTIONAL_ZEROS, Feature.SPARSITY})
+    # K-quant super-blocks (their mins make fractional zero points; Q4_1 / Q5_1 refuse them in check); pruned codes;
+    # IQ4_NL's codebook (check refuses every other codebook, by plan and by module)
+    holds = frozenset({Feature.QUANTIZED_SCALES, Feature.FRACTIONAL_ZEROS, Feature.SPARSITY, Feature.CODEBOOK})
 
     class Config(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -99,7 +101,10 @@ class GGUFExporter(Exporter):
             heads = rope_heads(hf_name, config)
             if isinstance(value, FakeQuantLinear):
                 qw = _permuted(value.qweight, heads)
-                data, kind = encode_k_blocks(qw) if written_as_k(qw) else encode_blocks(qw)
+                if written_as_iq4nl(qw):
+                    data, kind = encode_iq4nl_blocks(qw)
+                else:
+                    data, kind = encode_k_blocks(qw) if written_as_k(qw) else encode_blocks(qw)
                 writer.add_tensor(gname, data, raw_dtype=kind)
                 kinds[kind] += 1
             else:
