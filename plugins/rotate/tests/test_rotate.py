@@ -142,6 +142,9 @@ def test_the_guard_error_equals_rounding_the_turned_weight_on_turned_inputs():
     direct = (y @ turned.T - y @ fake_quantize_weight(turned.float(), args).double().T).pow(2).sum()
     expected = float(direct / (x @ linear.weight.detach().T).pow(2).sum())
     assert guard.error(linear, x, args, guard.Turn(left=left, right=right)) == pytest.approx(expected, rel=1e-9)
+    gain = torch.rand(64, dtype=torch.float64) + 0.5
+    unit_inputs = guard.error(linear, torch.eye(64, dtype=torch.float64), args, guard.Turn(right=right, gain=gain))
+    assert guard.error(linear, None, args, guard.Turn(right=right, gain=gain)) == pytest.approx(unit_inputs, rel=1e-9)
 
 
 def test_the_guard_drops_rotations_that_make_rounding_worse():

@@ -68,7 +68,7 @@ def error(linear: nn.Linear, x: torch.Tensor | None, args, turn: Turn, act=None)
     inputs were the unit vectors, with the activations left unrounded."""
     w = linear.weight.detach().double().cpu()
     if x is None:
-        x, act = torch.eye(w.shape[1], dtype=torch.float64), None
+        return _weight_error(w, args, turn)
     if turn.gain is not None:
         w, x = w * turn.gain, x / turn.gain
     if turn.left is not None:
@@ -80,6 +80,21 @@ def error(linear: nn.Linear, x: torch.Tensor | None, args, turn: Turn, act=None)
         x = _round_per_token(x, act.bits, act.symmetric)
     out = x @ fake_quantize_weight(w.float(), args).double().T
     return float((out - reference).pow(2).sum() / reference.pow(2).sum().clamp_min(1e-30))
+
+
+def _weight_error(w: torch.Tensor, args, turn: Turn) -> float:
+    """The rounding error of the turned weight brought back to the float weight's basis, relative to the weight."""
+    turned = w * turn.gain if turn.gain is not None else w
+    if turn.left is not None:
+        turned = turn.left @ turned
+    if turn.right is not None:
+        turned = turned @ turn.right
+    back = fake_quantize_weight(turned.float(), args).double() - turned
+    if turn.right is not None:
+        back = back @ turn.right.T
+    if turn.gain is not None:
+        back = back / turn.gain
+    return float(back.pow(2).sum() / w.pow(2).sum().clamp_min(1e-30))
 
 
 def _round_per_token(x: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
