@@ -215,3 +215,23 @@ def test_the_online_rotation_lives_in_the_quantized_model_and_formats_that_canno
                        match="online_transform"):
         save_quantized(model, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_guard_proxy_for_calibrated_quantizers_feeds_errors_back():
+    """With inputs whose channels are uncorrelated, feedback rounding is rounding to nearest; with correlated ones it
+    lowers the output error, as GPTQ does."""
+    from slimquant.sdk import WeightArgs, fake_quantize_weight
+    from slimquant_rotate import guard
+
+    torch.manual_seed(0)
+    args = WeightArgs(bits=4, symmetric=False, group_size=16)
+    linear = torch.nn.Linear(64, 32, bias=False).double()
+    w = linear.weight.detach()
+    scaled_unit = torch.diag(torch.rand(64, dtype=torch.float64) + 0.5)
+    assert torch.allclose(guard._feedback_rounding(w, scaled_unit, args),
+                          fake_quantize_weight(w.float(), args).double(), atol=1e-6)
+    x = torch.randn(256, 8, dtype=torch.float64) @ torch.randn(8, 64, dtype=torch.float64)
+    x += 0.1 * torch.randn(256, 64, dtype=torch.float64)
+    rtn = guard.error(linear, x, args, guard.Turn())
+    feedback = guard.error(linear, x, args, guard.Turn(), feedback=True)
+    assert feedback < 0.7 * rtn

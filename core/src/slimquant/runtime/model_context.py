@@ -16,6 +16,8 @@ class ModelContext:
     path and ModuleList; ``plans``: each Linear's ``LinearPlan`` by full name (None: left in float); ``device``: the
     work device; ``samples``: this process's calibration token batches (``[1, seq]`` int64, on the CPU), None on the
     data-free path and in ``check_model``, for a transform that measures what it changes (it must not keep them);
+    ``calibrated_weight_algorithms``: the weight algorithms of the plans that need calibration data (error feedback
+    such as GPTQ), for a transform that measures its rewrite with a proxy of the quantizer that follows;
     ``notes``: what the transforms did, in their words, for the report (``note``)."""
 
     model: nn.Module
@@ -24,6 +26,7 @@ class ModelContext:
     plans: dict
     device: torch.device
     samples: list[torch.Tensor] | None = None
+    calibrated_weight_algorithms: frozenset[str] = frozenset()
     notes: list[str] = field(default_factory=list)
     current: str = ""
 

@@ -156,7 +156,9 @@ class LayerwiseQuantizer:
         """Run the recipe's model transforms on the whole model, before any layer is touched; what they did."""
         if not self.algorithms.transforms:
             return []
-        ctx = ModelContext(self.model, self.prefix, self.layers, dict(self.plans), self.device, samples)
+        calibrated = frozenset(p.weight_algorithm for p in self.plans.values() if p is not None
+                               and self.plugins.get(p.weight_algorithm).requires_calibration_data)
+        ctx = ModelContext(self.model, self.prefix, self.layers, dict(self.plans), self.device, samples, calibrated)
         notes = run_transforms(ctx, self.plugins, self.algorithms.transforms)
         for note in notes:
             log.info("transform %s", note)

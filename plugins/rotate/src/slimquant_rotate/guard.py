@@ -7,8 +7,9 @@ values; R: the input basis) and its input X into X R, so the output error of rou
     || X R (L W R)^T - X R round(L W R)^T ||
 
 computed from the float inputs without running the turned model. round() is the plan's round-to-nearest on the
-uniform grid (``fake_quantize_weight``): the proxy for the quantizer that follows; a plan that quantizes
-activations also rounds the turned input per token. R1 (one rotation of the whole
+uniform grid (``fake_quantize_weight``), or, when the Linear's weight algorithm is calibrated (GPTQ), rounding
+with error feedback through the caught inputs' inverse Hessian: the proxy for the quantizer that follows; a plan
+that quantizes activations also rounds the turned input per token. R1 (one rotation of the whole
 residual stream) is kept when it lowers the summed relative error of every Linear; R2 per attention layer when it
 lowers that of its v_proj and o_proj; R4 per down_proj. Without calibration data the same comparison runs on the
 weights alone (the error of rounding W, in the float weight's own basis).
@@ -21,7 +22,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from slimquant.sdk import fake_quantize_weight
+from slimquant.sdk import (
+    effective_group_size,
+    fake_quantize_weight,
+    inverse_hessian_factor,
+    qrange,
+    signed_scale,
+    weight_qparams,
+)
 
 TOKENS = 256  # input rows kept per Linear
 
@@ -61,11 +69,13 @@ def catch_inputs(model: nn.Module, names: list[str], samples: list[torch.Tensor]
     return inputs
 
 
-def error(linear: nn.Linear, x: torch.Tensor | None, args, turn: Turn, act=None) -> float:
+def error(linear: nn.Linear, x: torch.Tensor | None, args, turn: Turn, act=None, feedback: bool = False) -> float:
     """Squared output error of the turned Linear with its weight rounded (and its input rounded per token when `act`,
     the plan's ActArgs, is given), relative to the float output's, on inputs `x`; in the turned output basis, which
     an orthogonal L does not change the norm of. `x` None (no calibration data): the weight's own error, as if the
-    inputs were the unit vectors, with the activations left unrounded."""
+    inputs were the unit vectors, with the activations left unrounded. `feedback`: round column by column, each
+    column's error fed to the columns after it through the inputs' inverse Hessian, as a calibrated error-feedback
+    quantizer (GPTQ) does, instead of to nearest."""
     w = linear.weight.detach().double().cpu()
     if x is None:
         return _weight_error(w, args, turn)
@@ -76,10 +86,30 @@ def error(linear: nn.Linear, x: torch.Tensor | None, args, turn: Turn, act=None)
     if turn.right is not None:
         w, x = w @ turn.right, x @ turn.right
     reference = x @ w.T
+    rounded = _feedback_rounding(w, x, args) if feedback else fake_quantize_weight(w.float(), args).double()
     if act is not None:
         x = _round_per_token(x, act.bits, act.symmetric)
-    out = x @ fake_quantize_weight(w.float(), args).double().T
+    out = x @ rounded.T
     return float((out - reference).pow(2).sum() / reference.pow(2).sum().clamp_min(1e-30))
+
+
+def _feedback_rounding(w: torch.Tensor, x: torch.Tensor, args) -> torch.Tensor:
+    """w rounded with error feedback on the inputs x (static groups: the scales from the whole weight first)."""
+    group = effective_group_size(args.group_size if args.strategy == "group" else None, w.shape[1])
+    scale, zero = weight_qparams(w.float(), args.bits, args.symmetric, group, signed=signed_scale(args))
+    scale, zero = scale.double(), None if zero is None else zero.double()
+    lo, hi = qrange(args.bits)
+    factor = inverse_hessian_factor(2 * x.T @ x / x.shape[0], 0.01).double()
+    w = w.clone()
+    rounded = torch.empty_like(w)
+    for i in range(w.shape[1]):
+        g = i // group
+        s, z = scale[:, g], (0.0 if zero is None else zero[:, g])
+        q = (torch.clamp(torch.round(w[:, i] / s) + z, lo, hi) - z) * s
+        rounded[:, i] = q
+        err = (w[:, i] - q) / factor[i, i]
+        w[:, i + 1:] -= err[:, None] * factor[i, i + 1:][None, :]
+    return rounded
 
 
 def _weight_error(w: torch.Tensor, args, turn: Turn) -> float:

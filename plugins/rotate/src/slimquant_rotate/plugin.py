@@ -123,6 +123,11 @@ class RotatePlugin(ModelTransform):
         return pairs
 
     @staticmethod
+    def _calibrated(ctx, name: str) -> bool:
+        """Whether the Linear's weight algorithm feeds rounding errors back through calibration data (GPTQ)."""
+        return ctx.plans[name].weight_algorithm in ctx.calibrated_weight_algorithms
+
+    @staticmethod
     def _online_targets(ctx, residual) -> list[str]:
         """The Linears R4 turns: every MLP writer (down_proj, an expert's w2), found like R1's writers."""
         writers = residual.writers if residual is not None else [
@@ -140,6 +145,11 @@ class RotatePlugin(ModelTransform):
             ctx.note("guard: no calibration data, so it compares the rounding error of the weights alone")
         args = {n: ctx.plans[n].scheme.weights for n in inputs}
         acts = {n: ctx.plans[n].scheme.activations for n in inputs}
+        calibrated = {n: bool(ctx.samples) and self._calibrated(ctx, n) for n in inputs}
+
+        def err(module, name, turn):
+            return guard.error(module, inputs[name], args[name], turn, acts[name], calibrated[name])
+
         modules = dict(ctx.model.named_modules())
         plain = {n: guard.Turn() for n in inputs}
         turned = dict(plain)
@@ -148,8 +158,8 @@ class RotatePlugin(ModelTransform):
                 gain = fuse.norm_gain(modules[sub.norm]).double().cpu()
                 turned.update({n: guard.Turn(right=q, gain=gain) for n in sub.readers if n in inputs})
             turned.update({n: guard.Turn(left=q.T) for n in residual.writers if n in inputs})
-            before = sum(guard.error(modules[n], inputs[n], args[n], plain[n], acts[n]) for n in inputs)
-            after = sum(guard.error(modules[n], inputs[n], args[n], turned[n], acts[n]) for n in inputs)
+            before = sum(err(modules[n], n, plain[n]) for n in inputs)
+            after = sum(err(modules[n], n, turned[n]) for n in inputs)
             keep = after < before
             ctx.note(f"guard: R1 {'kept' if keep else 'dropped'} (summed relative rounding error of the "
                      f"{len(inputs)} quantized Linears {before:.4g} without, {after:.4g} with)")
@@ -166,10 +176,8 @@ class RotatePlugin(ModelTransform):
             base_v, base_o = turned[vn], turned[on]
             with_v = guard.Turn(left=rows, right=base_v.right, gain=base_v.gain)
             with_o = guard.Turn(left=base_o.left, right=cols)
-            without = (guard.error(v, inputs[vn], args[vn], base_v, acts[vn])
-                       + guard.error(o, inputs[on], args[on], base_o, acts[on]))
-            with_r2 = (guard.error(v, inputs[vn], args[vn], with_v, acts[vn])
-                       + guard.error(o, inputs[on], args[on], with_o, acts[on]))
+            without = err(v, vn, base_v) + err(o, on, base_o)
+            with_r2 = err(v, vn, with_v) + err(o, on, with_o)
             (kept if with_r2 < without else dropped).append((v, o))
         if heads:
             layers = [names[v].removeprefix(f"{ctx.prefix}.").split(".")[0] for v, _ in dropped]
@@ -183,8 +191,7 @@ class RotatePlugin(ModelTransform):
             base = turned[name]
             h = orthogonal_hadamard(modules[name].in_features)
             with_r4 = guard.Turn(left=base.left, right=h)
-            if (guard.error(modules[name], inputs[name], args[name], with_r4, acts[name])
-                    < guard.error(modules[name], inputs[name], args[name], base, acts[name])):
+            if err(modules[name], name, with_r4) < err(modules[name], name, base):
                 online_kept.append(name)
         if online:
             ctx.note(f"guard: R4 kept on {len(online_kept)} of {len(online)} down projections")
