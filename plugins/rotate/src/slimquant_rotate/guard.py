@@ -47,9 +47,13 @@ def catch_inputs(model: nn.Module, names: list[str], samples: list[torch.Tensor]
     modules = dict(model.named_modules())
     caught: dict[str, list[torch.Tensor]] = {n: [] for n in names}
 
+    per_batch = -(-TOKENS // max(1, min(batches, len(samples))))
+
     def hook(name):
         def record(module, args):
-            caught[name].append(args[0].detach().reshape(-1, args[0].shape[-1]).double().cpu())
+            rows = args[0].detach().reshape(-1, args[0].shape[-1])
+            step = max(1, rows.shape[0] // per_batch)
+            caught[name].append(rows[::step][:per_batch].double().cpu())  # only what is kept: memory stays small
         return record
 
     handles = [modules[n].register_forward_pre_hook(hook(n)) for n in names]
@@ -60,13 +64,7 @@ def catch_inputs(model: nn.Module, names: list[str], samples: list[torch.Tensor]
     finally:
         for h in handles:
             h.remove()
-    inputs = {}
-    for name, rows in caught.items():
-        if rows:
-            x = torch.cat(rows)
-            step = max(1, x.shape[0] // TOKENS)
-            inputs[name] = x[::step][:TOKENS]
-    return inputs
+    return {name: torch.cat(rows)[:TOKENS] for name, rows in caught.items() if rows}
 
 
 def error(linear: nn.Linear, x: torch.Tensor | None, args, turn: Turn, act=None, feedback: bool = False) -> float:

@@ -85,11 +85,13 @@ class RotatePlugin(ModelTransform):
             fuse.rotate_heads(v, o, r, head_dim)
         if self.config.heads:
             ctx.note(f"R2: {head_dim}-wide rotation of the values in {len(heads)} attention layers")
+        shared: dict[tuple, torch.Tensor] = {}  # one matrix per size, shared by every Linear of that width
         for name in online:
             linear = ctx.model.get_submodule(name)
             h = orthogonal_hadamard(linear.in_features)
             fuse.rotate_inputs(linear, h)
-            ctx.set_input_transform(name, h.to(linear.weight.dtype))
+            key = (linear.in_features, linear.weight.dtype, linear.weight.device)
+            ctx.set_input_transform(name, shared.setdefault(key, h.to(linear.weight.dtype).to(linear.weight.device)))
         if self.config.online:
             ctx.note(f"R4: online rotation of the input of {len(online)} down projections")
         after = model(ids).logits.double()
