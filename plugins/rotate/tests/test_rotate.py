@@ -147,17 +147,23 @@ def test_the_guard_error_equals_rounding_the_turned_weight_on_turned_inputs():
     assert guard.error(linear, None, args, guard.Turn(right=right, gain=gain)) == pytest.approx(unit_inputs, rel=1e-9)
 
 
+def weights_on_grid(args: dict):
+    """A tiny Llama whose projections already lie on the grid `args` rounds to: rounding them loses nothing."""
+    from slimquant.sdk import WeightArgs, fake_quantize_weight
+
+    model = tiny_model("llama")
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if name.endswith("proj"):
+                module.weight.copy_(fake_quantize_weight(module.weight, WeightArgs(**args)))
+    return model
+
+
 def test_the_guard_drops_rotations_that_make_rounding_worse():
     """Weights already on the grid round with no error: every rotation would add some, so the guard drops them all;
     on the same model with random weights it keeps R1."""
-    from slimquant.sdk import WeightArgs, fake_quantize_weight
-
     args = {"bits": 4, "symmetric": False, "group_size": 16}
-    on_grid = tiny_model("llama")
-    with torch.no_grad():
-        for name, module in on_grid.named_modules():
-            if name.endswith("proj"):
-                module.weight.copy_(fake_quantize_weight(module.weight, WeightArgs(**args)))
+    on_grid = weights_on_grid(args)
     recipe = {"weights": args, "algorithms": ["rotate", "minmax"], "runtime": {"progress": False}}
     report = slimquant.quantize(on_grid, recipe, samples=token_samples(4, 16))
     assert any("guard: R1 dropped" in n for n in report.transforms), report.transforms
@@ -169,14 +175,8 @@ def test_the_guard_drops_rotations_that_make_rounding_worse():
 def test_without_calibration_data_the_guard_compares_the_weights_alone():
     """Data-free, on weights already on the grid, the guard still drops every rotation (it measures the weights'
     own rounding error); with the guard off, every rotation is kept."""
-    from slimquant.sdk import WeightArgs, fake_quantize_weight
-
     args = {"bits": 4, "symmetric": False, "group_size": 16}
-    on_grid = tiny_model("llama")
-    with torch.no_grad():
-        for name, module in on_grid.named_modules():
-            if name.endswith("proj"):
-                module.weight.copy_(fake_quantize_weight(module.weight, WeightArgs(**args)))
+    on_grid = weights_on_grid(args)
     report = slimquant.quantize(on_grid, {"weights": args, "algorithms": ["rotate"], "runtime": {"progress": False}})
     assert report.data_free
     assert "rotate: guard: no calibration data, so it compares the rounding error of the weights alone" in \
